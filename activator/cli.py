@@ -1,0 +1,235 @@
+"""`activator`: the command line. Flags are parsed and checked here, at the edge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from activator.config import ConfigError, FieldError, PodConfig, parse_duration, pod_config
+from activator.control import AGENTS_DIR, ControlError, agent_sockets, ask, find_pod
+
+DEFAULT_STATE_ROOT = Path("/var/lib/pod-activator/pods")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _pod_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="pod name (default: pod-<random>)")
+    parser.add_argument(
+        "--port", action="append", default=[], help="the app's TCP port (repeatable)"
+    )
+    parser.add_argument(
+        "--scaledown-after",
+        metavar="DURATION",
+        help="idle time before scale-down, e.g. 30s, 5m (default 1m)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="activator", description="Scale idle pods to zero; wake them on the next connection."
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="run a local pod under an activator: run [flags] -- CMD [ARG ...]"
+    )
+    _pod_flags(run)
+    run.add_argument(
+        "--events", metavar="FILE", help="write one JSON line per event to FILE (- for stdout)"
+    )
+    run.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_ROOT, help="where checkpoints are kept"
+    )
+
+    add = sub.add_parser(
+        "add", help="add a pod to the running activator: add [flags] -- CMD [ARG ...]"
+    )
+    _pod_flags(add)
+
+    status = sub.add_parser("status", help="list the pods managed on this machine")
+    status.add_argument("--json", action="store_true")
+
+    for name, text in (
+        ("scale-down", "checkpoint a pod now"),
+        ("wake", "restore a pod now"),
+        ("remove", "stop and remove a pod"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("pod")
+
+    demo = sub.add_parser(
+        "demo", help="the sample app in a local pod: scale down, wake, print the timeline"
+    )
+    demo.add_argument("--cycles", type=int, default=3)
+    demo.add_argument("--scaledown-after", default="2s")
+    return parser
+
+
+def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def _config(args: argparse.Namespace, command: list[str]) -> PodConfig:
+    return pod_config(
+        name=args.name or f"pod-{secrets.token_hex(3)}",
+        ports=args.port,
+        command=command,
+        scaledown_after=args.scaledown_after,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flags, command = _split_command(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(flags)
+        config = _config(args, command) if args.cmd in ("run", "add") else None
+        demo_idle = 0.0
+        if args.cmd == "demo":
+            parsed = parse_duration(args.scaledown_after, "--scaledown-after")
+            if isinstance(parsed, FieldError):
+                raise ConfigError([parsed])
+            demo_idle = parsed
+        if args.cmd not in ("run", "add") and command:
+            raise UsageError(f"{args.cmd} takes no command after --")
+    except (UsageError, ConfigError) as exc:
+        print(f"activator: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.cmd == "run":
+            assert config is not None
+            return _run(args, config)
+        if args.cmd == "add":
+            assert config is not None
+            return _add(config)
+        if args.cmd == "status":
+            return _status(args.json)
+        if args.cmd == "demo":
+            from activator.demo import run_demo
+
+            return run_demo(cycles=args.cycles, scaledown_after=demo_idle)
+        answer = ask(find_pod(args.pod), {"op": args.cmd, "pod": args.pod})
+        if "pod" in answer:
+            print(f"{args.pod}: {answer['pod']['phase']}")
+        return 0
+    except ControlError as exc:
+        print(f"activator: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, config: PodConfig) -> int:
+    if os.geteuid() != 0:
+        print(
+            "activator: error: run needs root (network namespaces, nftables, CRIU)", file=sys.stderr
+        )
+        return 1
+    from activator.runtime import serve
+
+    events: TextIO | None = None
+    if args.events == "-":
+        events = sys.stdout
+    elif args.events:
+        events = open(args.events, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+    try:
+        return asyncio_run(serve([config], args.state_dir, events))
+    finally:
+        if events is not None and events is not sys.stdout:
+            events.close()
+
+
+def asyncio_run(coro: Any) -> int:
+    import uvloop
+
+    result: int = uvloop.run(coro)
+    return result
+
+
+def _add(config: PodConfig) -> int:
+    sockets = list(agent_sockets())
+    if len(sockets) != 1:
+        where = "none is" if not sockets else f"{len(sockets)} are"
+        print(
+            f"activator: error: add needs exactly one running activator, {where} running"
+            f" (see {AGENTS_DIR})",
+            file=sys.stderr,
+        )
+        return 1
+    request = {
+        "op": "add",
+        "name": config.name,
+        "ports": list(config.ports),
+        "command": list(config.command),
+        "scaledown_after": f"{config.scaledown_after}s",
+    }
+    answer = ask(sockets[0], request)
+    pod = answer["pod"]
+    print(f"{pod['name']}: {pod['phase']} at {pod['address']}")
+    return 0
+
+
+def _status(as_json: bool) -> int:
+    pods: list[dict[str, Any]] = []
+    for path in agent_sockets():
+        try:
+            pods.extend(ask(path, {"op": "status"}, timeout=5)["pods"])
+        except ControlError as exc:
+            print(f"activator: {exc}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(pods, indent=2))
+        return 0
+    rows = [
+        ("NAME", "ADDRESS", "PORTS", "PHASE", "SINCE", "CONNS", "CKPT_MS", "RESTORE_MS", "IMAGE")
+    ]
+    for p in pods:
+        rows.append(
+            (
+                p["name"],
+                p["address"],
+                ",".join(map(str, p["ports"])),
+                p["phase"],
+                f"{time.time() - p['since']:.0f}s ago",
+                str(p["open_connections"] + p["held_connections"]),
+                _num(p["last_checkpoint_ms"]),
+                _num(p["last_restore_ms"]),
+                _bytes(p["image_bytes"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1048576:.1f}MiB"

@@ -1,0 +1,164 @@
+"""The checkpoint backend: CRIU driven through its RPC (pycriu) in swrk mode.
+
+We start `criu swrk FD` ourselves and hand pycriu the socket (`use_fd`),
+rather than `use_binary`, because pycriu then forks the Python process itself
+and would hand criu every inheritable fd of every pod; `subprocess` passes
+exactly the fds we name, with the same numbers (`inherit_fd` needs that).
+
+What lies outside the dumped tree is external and must be given back at
+restore: the pod's namespaces (kept by its pause process) and the pipe the app
+writes its output to (read by the activator).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pycriu
+
+LOG_TAIL_LINES = 8
+
+
+class CriuError(Exception):
+    """A dump or restore failed; the message carries the tail of CRIU's log."""
+
+
+class CriuNotFound(CriuError):
+    pass
+
+
+@dataclass(frozen=True)
+class Externals:
+    """What the app uses but the image does not hold."""
+
+    # kind ("net", "pid") -> an ns file such as /proc/PAUSE/ns/net
+    namespaces: Mapping[str, Path]
+    # fds of pipes whose other end is ours (the app's stdout and stderr)
+    pipes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CriuOptions:
+    tcp_close: bool = True  # the app's own TCP connections get EOF, not a stale peer
+    file_locks: bool = False
+    ghost_limit: int = 1 << 20
+    log_level: int = 2
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def find_criu() -> Path:
+    """The criu that scripts/setup installed next to this Python, else PATH's."""
+    candidates = [Path(sys.prefix) / "bin" / "criu"]
+    if found := shutil.which("criu"):
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise CriuNotFound("criu not found next to this Python or on PATH: run scripts/setup")
+
+
+class Criu:
+    def __init__(self, binary: Path, options: CriuOptions | None = None) -> None:
+        self.binary = binary
+        self.options = options or CriuOptions()
+
+    def dump(self, pid: int, images: Path, externals: Externals) -> int:
+        """Checkpoint the tree rooted at `pid` into `images`; return the image size."""
+        images.mkdir(mode=0o700, parents=True, exist_ok=True)
+        opts = self._common_opts(images, "dump.log")
+        opts.pid = pid
+        opts.leave_running = False
+        for kind, path in externals.namespaces.items():
+            opts.external.append(f"{kind}[{os.stat(path).st_ino}]:pod-{kind}")
+        self._call("dump", opts, images, pass_fds=())
+        return image_bytes(images)
+
+    def restore(self, images: Path, externals: Externals) -> int:
+        """Restore the tree saved in `images` as our child; return its root's pid."""
+        with ExitStack() as stack:
+            opts = self._common_opts(images, "restore.log")
+            opts.rst_sibling = True  # the restored root becomes our child: we reap it
+            fds: list[int] = []
+            for kind, path in externals.namespaces.items():
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                stack.callback(os.close, fd)
+                fds.append(fd)
+                opts.inherit_fd.add(key=f"pod-{kind}", fd=fd)
+            for fd in externals.pipes:
+                fds.append(fd)
+                opts.inherit_fd.add(key=f"pipe:[{os.fstat(fd).st_ino}]", fd=fd)
+            response = self._call("restore", opts, images, pass_fds=tuple(fds))
+            return int(response.pid)
+
+    def _common_opts(self, images: Path, log_file: str) -> Any:
+        opts = pycriu.rpc.criu_opts(images_dir_fd=-1)
+        opts.images_dir = str(images)
+        opts.log_file = log_file
+        opts.log_level = self.options.log_level
+        # The activator keeps serving the pod's network during the dump: no lock.
+        opts.network_lock = pycriu.rpc.SKIP
+        opts.tcp_skip_in_flight = True
+        opts.tcp_close = self.options.tcp_close
+        opts.file_locks = self.options.file_locks
+        opts.ghost_limit = self.options.ghost_limit
+        for name, value in self.options.extra.items():
+            setattr(opts, name, value)
+        return opts
+
+    def _call(self, op: str, opts: Any, images: Path, pass_fds: tuple[int, ...]) -> Any:
+        with _swrk(self.binary, pass_fds) as sock:
+            client = pycriu.criu()
+            client.use_fd(sock.fileno())
+            client.opts = opts
+            try:
+                return getattr(client, op)()
+            except pycriu.CRIUException as exc:
+                raise CriuError(
+                    f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}"
+                ) from exc
+
+
+@contextmanager
+def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = subprocess.Popen(
+            [str(binary), "swrk", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(), *pass_fds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        ours.close()
+        raise CriuNotFound(f"cannot run {binary}: {exc.strerror}: run scripts/setup") from exc
+    finally:
+        theirs.close()
+    try:
+        yield ours
+    finally:
+        ours.close()  # criu swrk serves until its socket closes
+        proc.wait()
+
+
+def image_bytes(images: Path) -> int:
+    return sum(p.stat().st_size for p in images.iterdir() if p.is_file() and p.suffix == ".img")
+
+
+def log_tail(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if "Error" in line or "rror (" in line]
+    tail = (errors or lines)[-LOG_TAIL_LINES:]
+    return ("\n  criu log (" + str(log) + "):\n  " + "\n  ".join(tail)) if tail else ""

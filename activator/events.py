@@ -1,0 +1,106 @@
+"""What comes into the lifecycle: facts the drivers observed.
+
+Every event carries `now` (seconds, any monotonic origin): the lifecycle has no
+clock of its own, so tests decide what time it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Event:
+    now: float
+
+
+@dataclass(frozen=True)
+class Boot(Event):
+    """The pod exists; its application has not been started yet."""
+
+
+@dataclass(frozen=True)
+class ConnectionOpened(Event):
+    conn: int
+    port: int
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    conn: int
+
+
+@dataclass(frozen=True)
+class IdleTimerFired(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class AppStarted(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class AppStartFailed(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
+class AppExited(Event):
+    """The application's root process ended while nobody asked it to."""
+
+    status: str
+
+
+@dataclass(frozen=True)
+class CheckpointDone(Event):
+    duration_ms: float
+    image_bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointFailed(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
+class RestoreDone(Event):
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class RestoreFailed(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScaleDownRequested(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class WakeRequested(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class StopRequested(Event):
+    pass
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (
+    Boot,
+    ConnectionOpened,
+    ConnectionClosed,
+    IdleTimerFired,
+    AppStarted,
+    AppStartFailed,
+    AppExited,
+    CheckpointDone,
+    CheckpointFailed,
+    RestoreDone,
+    RestoreFailed,
+    ScaleDownRequested,
+    WakeRequested,
+    StopRequested,
+)

@@ -1,0 +1,395 @@
+"""The lifecycle of one pod: a pure, synchronous state machine.
+
+`Lifecycle.handle(event)` returns the commands the drivers must carry out. It
+does no I/O and reads no clock: every event says what time it is. All
+transitions live in one table, `TRANSITIONS`; an event the table does not list
+for the current phase is a driver bug and raises `LifecycleError`.
+
+Two rules shape the table:
+- never checkpoint while a connection is open or held: a checkpoint would cut
+  it (CRIU closes the app's TCP connections);
+- every connection that arrives is either forwarded to the app or refused with
+  a reason; connections that arrive while the app is not running are held
+  until it is (restore or cold start) and then forwarded.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from activator import commands as c
+from activator import events as e
+
+
+class Phase(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    CHECKPOINTING = "checkpointing"
+    SCALED_DOWN = "scaled-down"
+    RESTORING = "restoring"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Policy:
+    scaledown_after: float
+    # More than `max_restarts` exits within `restart_window` seconds is a crash
+    # loop: stop restarting and mark the pod failed.
+    max_restarts: int = 5
+    restart_window: float = 60.0
+
+
+class LifecycleError(Exception):
+    """An event arrived that the current phase cannot take: a driver bug."""
+
+
+class Lifecycle:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.phase = Phase.CREATED
+        self.since = 0.0
+        self.open_connections: set[int] = set()
+        # Held connections, oldest first, waiting for the app to run.
+        self.held_connections: dict[int, int] = {}
+        self.idle_deadline: float | None = None
+        self.wake_requested = False
+        self.recent_exits: list[float] = []
+        self.last_checkpoint_ms: float | None = None
+        self.last_restore_ms: float | None = None
+        self.image_bytes: int | None = None
+        self._out: list[c.Command] = []
+        self._phase_details: dict[str, object] = {}
+
+    def handle(self, event: e.Event) -> list[c.Command]:
+        rule = TRANSITIONS.get((self.phase, type(event)))
+        if rule is None:
+            raise LifecycleError(f"{type(event).__name__} cannot happen while {self.phase.value}")
+        self._out = []
+        self._phase_details = {}
+        previous = self.phase
+        new_phase = rule.handler(self, event)
+        if new_phase not in rule.targets:
+            raise LifecycleError(
+                f"{rule.handler.__name__} went {previous.value} -> {new_phase.value}"
+            )
+        out = self._out
+        if new_phase is not previous:
+            self.phase = new_phase
+            self.since = event.now
+            details = {"previous": previous.value, **self._phase_details}
+            out.insert(0, c.Report(new_phase.value, "info", _describe(new_phase, details), details))
+        return out
+
+    # -- helpers used by the transition handlers ------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self.open_connections and not self.held_connections
+
+    def _emit(self, command: c.Command) -> None:
+        self._out.append(command)
+
+    def _report(self, event: str, level: c.Level, message: str, **details: object) -> None:
+        self._emit(c.Report(event, level, message, details))
+
+    def _arm_idle_timer_if_idle(self, now: float) -> None:
+        if self.idle:
+            self.idle_deadline = now + self.policy.scaledown_after
+            self._emit(c.SetIdleDeadline(self.idle_deadline))
+
+    def _disarm_idle_timer(self) -> None:
+        if self.idle_deadline is not None:
+            self.idle_deadline = None
+            self._emit(c.SetIdleDeadline(None))
+
+    def _forward_held(self) -> None:
+        if self.held_connections:
+            conns = tuple(self.held_connections)
+            self.open_connections.update(conns)
+            self.held_connections.clear()
+            self._emit(c.Forward(conns))
+
+    def _refuse_held(self, reason: str) -> None:
+        if self.held_connections:
+            self._emit(c.Refuse(tuple(self.held_connections), reason))
+            self.held_connections.clear()
+
+
+def _describe(phase: Phase, details: dict[str, object]) -> str:
+    extra = ", ".join(f"{k}={v}" for k, v in details.items() if k != "previous")
+    return f"{details['previous']} -> {phase.value}" + (f" ({extra})" if extra else "")
+
+
+# -- transition handlers: each returns the next phase ---------------------------
+# Handlers take `Any` events because the table, not the signature, guarantees
+# the event type; mypy cannot express a table keyed by type.
+
+
+def _boot(m: Lifecycle, ev: Any) -> Phase:
+    m._emit(c.StartApp("first start"))
+    return Phase.STARTING
+
+
+def _hold(m: Lifecycle, ev: Any) -> Phase:
+    m.held_connections[ev.conn] = ev.port
+    m._disarm_idle_timer()
+    return m.phase
+
+
+def _hold_and_restore(m: Lifecycle, ev: Any) -> Phase:
+    _hold(m, ev)
+    m._emit(c.Restore())
+    return Phase.RESTORING
+
+
+def _forward(m: Lifecycle, ev: Any) -> Phase:
+    m.open_connections.add(ev.conn)
+    m._disarm_idle_timer()
+    m._emit(c.Forward((ev.conn,)))
+    return m.phase
+
+
+def _refuse(m: Lifecycle, ev: Any) -> Phase:
+    m._emit(c.Refuse((ev.conn,), f"pod is {m.phase.value}"))
+    return m.phase
+
+
+def _closed(m: Lifecycle, ev: Any) -> Phase:
+    m.open_connections.discard(ev.conn)
+    m.held_connections.pop(ev.conn, None)
+    if m.phase is Phase.RUNNING:
+        m._arm_idle_timer_if_idle(ev.now)
+    return m.phase
+
+
+def _ignore(m: Lifecycle, ev: Any) -> Phase:
+    """Stale news (a timer armed before a phase change, say): nothing to do."""
+    return m.phase
+
+
+def _idle_timer(m: Lifecycle, ev: Any) -> Phase:
+    if not m.idle or m.idle_deadline is None or ev.now < m.idle_deadline:
+        return m.phase
+    m.idle_deadline = None
+    m._emit(c.Checkpoint())
+    return Phase.CHECKPOINTING
+
+
+def _scale_down(m: Lifecycle, ev: Any) -> Phase:
+    if not m.idle:
+        n = len(m.open_connections) + len(m.held_connections)
+        m._report("scale-down-refused", "warning", f"not scaling down: {n} connection(s) open")
+        return m.phase
+    m._disarm_idle_timer()
+    m._emit(c.Checkpoint())
+    return Phase.CHECKPOINTING
+
+
+def _nothing_to_do(m: Lifecycle, ev: Any) -> Phase:
+    m._report("ignored", "info", f"{type(ev).__name__}: pod is already {m.phase.value}")
+    return m.phase
+
+
+def _app_started(m: Lifecycle, ev: Any) -> Phase:
+    m._forward_held()
+    m._arm_idle_timer_if_idle(ev.now)
+    return Phase.RUNNING
+
+
+def _app_start_failed(m: Lifecycle, ev: Any) -> Phase:
+    m._report("start-failed", "error", f"the app could not be started: {ev.reason}")
+    m._refuse_held(f"the app could not be started: {ev.reason}")
+    return Phase.FAILED
+
+
+def _app_exited(m: Lifecycle, ev: Any) -> Phase:
+    window_start = ev.now - m.policy.restart_window
+    m.recent_exits = [t for t in m.recent_exits if t > window_start] + [ev.now]
+    m._disarm_idle_timer()
+    if len(m.recent_exits) > m.policy.max_restarts:
+        m._report(
+            "app-exited",
+            "error",
+            f"the app exited ({ev.status}) {len(m.recent_exits)} times in "
+            f"{m.policy.restart_window:g}s: not restarting; `activator wake` retries",
+            status=ev.status,
+        )
+        m._refuse_held("the app keeps crashing")
+        return Phase.FAILED
+    m._report(
+        "app-exited", "warning", f"the app exited ({ev.status}): restarting it", status=ev.status
+    )
+    m._emit(c.StartApp(f"the app exited ({ev.status})"))
+    return Phase.STARTING
+
+
+def _checkpoint_done(m: Lifecycle, ev: Any) -> Phase:
+    m.last_checkpoint_ms = ev.duration_ms
+    m.image_bytes = ev.image_bytes
+    m._phase_details.update(checkpoint_ms=round(ev.duration_ms, 1), image_bytes=ev.image_bytes)
+    if m.held_connections or m.wake_requested:
+        m.wake_requested = False
+        m._emit(c.Restore())
+        return Phase.RESTORING
+    return Phase.SCALED_DOWN
+
+
+def _checkpoint_failed(m: Lifecycle, ev: Any) -> Phase:
+    m.wake_requested = False
+    m._report("checkpoint-failed", "error", f"checkpoint failed, app kept running: {ev.reason}")
+    m._forward_held()
+    m._arm_idle_timer_if_idle(ev.now)
+    return Phase.RUNNING
+
+
+def _wake_after_checkpoint(m: Lifecycle, ev: Any) -> Phase:
+    m.wake_requested = True
+    return m.phase
+
+
+def _restore(m: Lifecycle, ev: Any) -> Phase:
+    m._emit(c.Restore())
+    return Phase.RESTORING
+
+
+def _restore_done(m: Lifecycle, ev: Any) -> Phase:
+    m.last_restore_ms = ev.duration_ms
+    m._phase_details.update(restore_ms=round(ev.duration_ms, 1))
+    m._forward_held()
+    m._arm_idle_timer_if_idle(ev.now)
+    return Phase.RUNNING
+
+
+def _restore_failed(m: Lifecycle, ev: Any) -> Phase:
+    m._report("restore-failed", "error", f"restore failed, starting the app cold: {ev.reason}")
+    m._emit(c.StartApp(f"restore failed: {ev.reason}"))
+    return Phase.STARTING
+
+
+def _start_again(m: Lifecycle, ev: Any) -> Phase:
+    m.recent_exits = []
+    m._emit(c.StartApp("asked to wake after failure"))
+    return Phase.STARTING
+
+
+def _stop_now(m: Lifecycle, ev: Any) -> Phase:
+    m._disarm_idle_timer()
+    m._refuse_held("pod is stopping")
+    m._emit(c.Teardown())
+    return Phase.STOPPED
+
+
+def _stop_after_current_operation(m: Lifecycle, ev: Any) -> Phase:
+    # CRIU or the app's start is in flight; its answer finishes the stop.
+    m._disarm_idle_timer()
+    return Phase.STOPPING
+
+
+@dataclass(frozen=True)
+class Rule:
+    handler: Callable[[Lifecycle, Any], Phase]
+    targets: frozenset[Phase]
+
+
+def _rule(handler: Callable[[Lifecycle, Any], Phase], *targets: Phase) -> Rule:
+    return Rule(handler, frozenset(targets))
+
+
+P = Phase
+_ACTIVE = (P.STARTING, P.RUNNING, P.CHECKPOINTING, P.SCALED_DOWN, P.RESTORING, P.FAILED)
+
+TRANSITIONS: dict[tuple[Phase, type[e.Event]], Rule] = {
+    (P.CREATED, e.Boot): _rule(_boot, P.STARTING),
+    (P.CREATED, e.StopRequested): _rule(_stop_now, P.STOPPED),
+    # Connections: forwarded while running, held while the app is on its way
+    # (a connection during a checkpoint wakes the app right after it).
+    (P.STARTING, e.ConnectionOpened): _rule(_hold, P.STARTING),
+    (P.RUNNING, e.ConnectionOpened): _rule(_forward, P.RUNNING),
+    (P.CHECKPOINTING, e.ConnectionOpened): _rule(_hold, P.CHECKPOINTING),
+    (P.SCALED_DOWN, e.ConnectionOpened): _rule(_hold_and_restore, P.RESTORING),
+    (P.RESTORING, e.ConnectionOpened): _rule(_hold, P.RESTORING),
+    (P.FAILED, e.ConnectionOpened): _rule(_refuse, P.FAILED),
+    (P.STOPPING, e.ConnectionOpened): _rule(_refuse, P.STOPPING),
+    (P.STOPPED, e.ConnectionOpened): _rule(_refuse, P.STOPPED),
+    **{(p, e.ConnectionClosed): _rule(_closed, p) for p in (*_ACTIVE, P.STOPPING, P.STOPPED)},
+    # Idle: only a running app with nothing open is checkpointed.
+    (P.RUNNING, e.IdleTimerFired): _rule(_idle_timer, P.RUNNING, P.CHECKPOINTING),
+    **{
+        (p, e.IdleTimerFired): _rule(_ignore, p)
+        for p in (*_ACTIVE, P.STOPPING, P.STOPPED)
+        if p is not P.RUNNING
+    },
+    # Starting cold.
+    (P.STARTING, e.AppStarted): _rule(_app_started, P.RUNNING),
+    (P.STARTING, e.AppStartFailed): _rule(_app_start_failed, P.FAILED),
+    (P.STARTING, e.AppExited): _rule(_app_exited, P.STARTING, P.FAILED),
+    (P.RUNNING, e.AppExited): _rule(_app_exited, P.STARTING, P.FAILED),
+    # CRIU ends the app after a dump; an exit seen after that is expected.
+    (P.CHECKPOINTING, e.AppExited): _rule(_ignore, P.CHECKPOINTING),
+    (P.SCALED_DOWN, e.AppExited): _rule(_ignore, P.SCALED_DOWN),
+    (P.RESTORING, e.AppExited): _rule(_ignore, P.RESTORING),
+    (P.FAILED, e.AppExited): _rule(_ignore, P.FAILED),
+    (P.STOPPING, e.AppExited): _rule(_ignore, P.STOPPING),
+    (P.STOPPED, e.AppExited): _rule(_ignore, P.STOPPED),
+    # Checkpoint.
+    (P.CHECKPOINTING, e.CheckpointDone): _rule(_checkpoint_done, P.SCALED_DOWN, P.RESTORING),
+    (P.CHECKPOINTING, e.CheckpointFailed): _rule(_checkpoint_failed, P.RUNNING),
+    # Restore; a failed restore falls back to a cold start.
+    (P.RESTORING, e.RestoreDone): _rule(_restore_done, P.RUNNING),
+    (P.RESTORING, e.RestoreFailed): _rule(_restore_failed, P.STARTING),
+    # By hand.
+    (P.RUNNING, e.ScaleDownRequested): _rule(_scale_down, P.RUNNING, P.CHECKPOINTING),
+    **{
+        (p, e.ScaleDownRequested): _rule(_nothing_to_do, p)
+        for p in (*_ACTIVE, P.STOPPING, P.STOPPED)
+        if p is not P.RUNNING
+    },
+    (P.SCALED_DOWN, e.WakeRequested): _rule(_restore, P.RESTORING),
+    (P.CHECKPOINTING, e.WakeRequested): _rule(_wake_after_checkpoint, P.CHECKPOINTING),
+    (P.FAILED, e.WakeRequested): _rule(_start_again, P.STARTING),
+    **{
+        (p, e.WakeRequested): _rule(_nothing_to_do, p)
+        for p in (P.STARTING, P.RUNNING, P.RESTORING, P.STOPPING, P.STOPPED)
+    },
+    # Stop: at once where nothing is in flight, else when it answers.
+    **{
+        (p, e.StopRequested): _rule(_stop_now, P.STOPPED)
+        for p in (P.RUNNING, P.SCALED_DOWN, P.FAILED)
+    },
+    **{
+        (p, e.StopRequested): _rule(_stop_after_current_operation, P.STOPPING)
+        for p in (P.STARTING, P.CHECKPOINTING, P.RESTORING)
+    },
+    (P.STOPPING, e.StopRequested): _rule(_ignore, P.STOPPING),
+    (P.STOPPED, e.StopRequested): _rule(_ignore, P.STOPPED),
+    **{
+        (P.STOPPING, ev): _rule(_stop_now, P.STOPPED)
+        for ev in (
+            e.AppStarted,
+            e.AppStartFailed,
+            e.CheckpointDone,
+            e.CheckpointFailed,
+            e.RestoreDone,
+            e.RestoreFailed,
+        )
+    },
+}
+
+
+def state_diagram() -> str:
+    """The transition table as a Mermaid diagram (the README embeds it)."""
+    lines = ["stateDiagram-v2"]
+    edges: dict[tuple[Phase, Phase], list[str]] = {}
+    for (source, event), rule in TRANSITIONS.items():
+        for target in sorted(rule.targets, key=lambda p: list(Phase).index(p)):
+            if target is not source:
+                edges.setdefault((source, target), []).append(event.__name__)
+    for (source, target), names in edges.items():
+        lines.append(f"    {source.name} --> {target.name}: {', '.join(names)}")
+    return "\n".join(lines)

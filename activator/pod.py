@@ -1,0 +1,334 @@
+"""The driver of one pod: feeds the lifecycle events and carries out its commands.
+
+All I/O of a pod happens here or below (proxy, CRIU, the sandbox); all the
+decisions are the lifecycle's. Blocking work (CRIU, spawning) runs in threads
+so the event loop keeps accepting and relaying for every pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, assert_never
+
+from activator import commands as c
+from activator import events as e
+from activator.config import PodConfig
+from activator.criu import Criu, CriuError, Externals
+from activator.lifecycle import Lifecycle, Phase, Policy
+from activator.proxy import ClientConnection, ShadowListener
+
+log = logging.getLogger(__name__)
+
+# How long a forwarded connection waits for a cold-started app to listen.
+CONNECT_TIMEOUT = 30.0
+# How long the app gets to exit after SIGTERM when the pod stops.
+STOP_GRACE = 5.0
+
+
+class SpawnFailed(Exception):
+    pass
+
+
+class Sandbox(Protocol):
+    """Where the app lives: its namespaces, its processes, its port redirects."""
+
+    address: str
+
+    async def create(self) -> None: ...
+
+    async def socket(self) -> socket.socket: ...
+
+    async def redirect(self, shadow_ports: Mapping[int, int]) -> None: ...
+
+    async def spawn_app(self, command: tuple[str, ...]) -> int:
+        """Start the app; return its root pid (our child). Raise SpawnFailed."""
+        ...
+
+    def externals(self) -> Externals: ...
+
+    async def destroy(self) -> None: ...
+
+
+class Reporter(Protocol):
+    def report(self, pod: PodDriver, report: c.Report) -> None: ...
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    name: str
+    address: str
+    ports: tuple[int, ...]
+    phase: str
+    since: float  # unix time
+    open_connections: int
+    held_connections: int
+    last_checkpoint_ms: float | None
+    last_restore_ms: float | None
+    image_bytes: int | None
+
+
+class PodDriver:
+    def __init__(
+        self,
+        config: PodConfig,
+        sandbox: Sandbox,
+        criu: Criu,
+        state_dir: Path,
+        reporter: Reporter,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.sandbox = sandbox
+        self.criu = criu
+        self.state_dir = state_dir
+        self.images = state_dir / "images"
+        self.reporter = reporter
+        self.lifecycle = Lifecycle(Policy(scaledown_after=config.scaledown_after))
+        self.listeners = [ShadowListener(port, self) for port in config.ports]
+        self.connections: dict[int, ClientConnection] = {}
+        self.app_pid: int | None = None
+        self.stopped = asyncio.Event()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waking_conn: int | None = None
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._loop = asyncio.get_running_loop()
+
+    # -- setup -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the sandbox, put the activator in front of the app, start it.
+
+        On failure everything created so far is removed again.
+        """
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # the images hold the app's memory
+        try:
+            await self.sandbox.create()
+            for listener in self.listeners:
+                await listener.start(self.sandbox)
+            await self.sandbox.redirect({ln.app_port: ln.shadow_port for ln in self.listeners})
+        except BaseException:
+            await self._remove_everything()
+            raise
+        self.feed(e.Boot(self._loop.time()))
+
+    # -- the loop between lifecycle and drivers --------------------------------
+
+    def feed(self, event: e.Event) -> None:
+        for command in self.lifecycle.handle(event):
+            self._dispatch(command)
+
+    def _dispatch(self, command: c.Command) -> None:
+        match command:
+            case c.StartApp(reason):
+                self._spawn(self._start_app(reason))
+            case c.Checkpoint():
+                self._spawn(self._checkpoint())
+            case c.Restore():
+                self._spawn(self._restore())
+            case c.Forward(conns):
+                for conn_id in conns:
+                    conn = self.connections.get(conn_id)
+                    if conn is not None:
+                        deadline = time.monotonic() + CONNECT_TIMEOUT
+                        self._spawn(conn.forward(self.sandbox, conn.port, deadline))
+            case c.Refuse(conns, reason):
+                for conn_id in conns:
+                    if (conn := self.connections.get(conn_id)) is not None:
+                        conn.refuse(reason)
+            case c.SetIdleDeadline(at):
+                if self._idle_timer is not None:
+                    self._idle_timer.cancel()
+                    self._idle_timer = None
+                if at is not None:
+                    self._idle_timer = self._loop.call_at(at, self._idle_deadline_reached)
+            case c.Teardown():
+                self._spawn(self._teardown())
+            case c.Report():
+                self.reporter.report(self, command)
+            case _:
+                assert_never(command)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("pod %s: internal error", self.name, exc_info=exc)
+
+    def _idle_deadline_reached(self) -> None:
+        self._idle_timer = None
+        self.feed(e.IdleTimerFired(self._loop.time()))
+
+    # -- connections (called by the proxy) --------------------------------------
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections[conn.id] = conn
+        was_scaled_down = self.lifecycle.phase is Phase.SCALED_DOWN
+        self.feed(e.ConnectionOpened(self._loop.time(), conn=conn.id, port=conn.port))
+        if was_scaled_down and self.lifecycle.phase is Phase.RESTORING:
+            self._waking_conn = conn.id
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        if self.connections.pop(conn.id, None) is not None:
+            self.feed(e.ConnectionClosed(self._loop.time(), conn=conn.id))
+
+    def first_byte(self, conn: ClientConnection) -> None:
+        if conn.id == self._waking_conn and conn.first_byte_at is not None:
+            self._waking_conn = None
+            ms = (conn.first_byte_at - conn.accepted_at) * 1000
+            self.reporter.report(
+                self,
+                c.Report(
+                    "first-byte",
+                    "info",
+                    f"first byte {ms:.1f} ms after accept",
+                    {"first_byte_ms": round(ms, 1)},
+                ),
+            )
+
+    # -- the app's processes -----------------------------------------------------
+
+    async def _start_app(self, reason: str) -> None:
+        log.info("pod %s: starting the app (%s)", self.name, reason)
+        try:
+            pid = await self.sandbox.spawn_app(self.config.command)
+        except SpawnFailed as exc:
+            self.feed(e.AppStartFailed(self._loop.time(), str(exc)))
+            return
+        self._watch(pid)
+        self.feed(e.AppStarted(self._loop.time()))
+
+    def _watch(self, pid: int) -> None:
+        """Reap `pid` (our child) when it exits; report it if it is still the app."""
+        self.app_pid = pid
+        pidfd = os.pidfd_open(pid)
+        exit_status: asyncio.Future[int] = self._loop.create_future()
+        self._exits[pid] = exit_status
+
+        def exited() -> None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+            _, status = os.waitpid(pid, 0)
+            del self._exits[pid]
+            exit_status.set_result(status)
+            if pid == self.app_pid:
+                self.app_pid = None
+                self.feed(e.AppExited(self._loop.time(), describe_wait_status(status)))
+
+        self._loop.add_reader(pidfd, exited)
+
+    async def _checkpoint(self) -> None:
+        staging = self.state_dir / "images.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        pid = self.app_pid
+        started = time.monotonic()
+        try:
+            if pid is None:
+                raise CriuError("the app is not running")
+            size = await asyncio.to_thread(self.criu.dump, pid, staging, self.sandbox.externals())
+        except CriuError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.feed(e.CheckpointFailed(self._loop.time(), str(exc)))
+            return
+        ms = (time.monotonic() - started) * 1000
+        # The new image replaces the old one only once it is complete.
+        shutil.rmtree(self.images, ignore_errors=True)
+        staging.rename(self.images)
+        if self.app_pid == pid:
+            self.app_pid = None
+        self.feed(e.CheckpointDone(self._loop.time(), duration_ms=ms, image_bytes=size))
+
+    async def _restore(self) -> None:
+        started = time.monotonic()
+        try:
+            pid = await asyncio.to_thread(self.criu.restore, self.images, self.sandbox.externals())
+        except CriuError as exc:
+            # Keep the image that failed for a post-mortem; the next checkpoint replaces it.
+            failed = self.state_dir / "images.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            if self.images.exists():
+                self.images.rename(failed)
+            self.feed(e.RestoreFailed(self._loop.time(), str(exc)))
+            return
+        ms = (time.monotonic() - started) * 1000
+        self._watch(pid)
+        self.feed(e.RestoreDone(self._loop.time(), duration_ms=ms))
+        # The image holds the app's memory (secrets too): gone once it is back.
+        await asyncio.to_thread(shutil.rmtree, self.images, True)
+
+    # -- manual control and stop ---------------------------------------------------
+
+    def scale_down(self) -> None:
+        self.feed(e.ScaleDownRequested(self._loop.time()))
+
+    def wake(self) -> None:
+        self.feed(e.WakeRequested(self._loop.time()))
+
+    def stop(self) -> None:
+        self.feed(e.StopRequested(self._loop.time()))
+
+    async def _teardown(self) -> None:
+        await self._stop_app()
+        await self._remove_everything()
+        self.stopped.set()
+
+    async def _stop_app(self) -> None:
+        pid = self.app_pid
+        if pid is None:
+            return
+        self.app_pid = None  # an exit from here on is ours, not news
+        exit_status = self._exits[pid]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)  # the app leads its own session and group
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_status), STOP_GRACE)
+                return
+
+    async def _remove_everything(self) -> None:
+        for conn in list(self.connections.values()):
+            conn.refuse("pod removed")
+        for listener in self.listeners:
+            await listener.close()
+        # Destroying the sandbox ends whatever is left of the app (its pid
+        # namespace dies with the pause process), so it goes before the images.
+        await self.sandbox.destroy()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # -- status ----------------------------------------------------------------
+
+    def status(self) -> PodStatus:
+        m = self.lifecycle
+        return PodStatus(
+            name=self.name,
+            address=self.sandbox.address,
+            ports=self.config.ports,
+            phase=m.phase.value,
+            since=time.time() - (self._loop.time() - m.since),
+            open_connections=len(m.open_connections),
+            held_connections=len(m.held_connections),
+            last_checkpoint_ms=m.last_checkpoint_ms,
+            last_restore_ms=m.last_restore_ms,
+            image_bytes=m.image_bytes,
+        )
+
+
+def describe_wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

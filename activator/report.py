@@ -1,0 +1,44 @@
+"""Where reports go: one JSON line per event for machines, a log line for people."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, TextIO
+
+from activator import commands as c
+
+if TYPE_CHECKING:
+    from activator.pod import PodDriver
+
+log = logging.getLogger("activator")
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class EventLog:
+    """Writes each report as a JSON line to `stream` (if any) and logs it."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+
+    def report(self, pod: PodDriver, report: c.Report) -> None:
+        log.log(_LEVELS[report.level], "pod %s: %s", pod.name, report.message)
+        if self.stream is None:
+            return
+        line = {
+            "time": round(time.time(), 3),
+            "pod": pod.name,
+            "event": report.event,
+            "phase": pod.lifecycle.phase.value,
+            "message": report.message,
+            **report.details,
+        }
+        self.stream.write(json.dumps(line) + "\n")
+        self.stream.flush()

@@ -1,0 +1,50 @@
+"""The local runtime: an agent with its control socket, local pods, until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import TextIO
+
+from netns.pod import become_subreaper
+
+from activator.agent import Agent
+from activator.config import PodConfig
+from activator.control import ControlServer
+from activator.criu import Criu, find_criu
+from activator.localpod import LocalSandbox
+from activator.report import EventLog
+
+log = logging.getLogger(__name__)
+
+
+def local_agent(state_root: Path, events: TextIO | None) -> Agent:
+    # Restored apps and the apps we start become our children (see netns.pod).
+    become_subreaper()
+    return Agent(state_root, Criu(find_criu()), EventLog(events), LocalSandbox)
+
+
+async def serve(configs: list[PodConfig], state_root: Path, events: TextIO | None) -> int:
+    """Run `configs` as local pods until SIGINT or SIGTERM; then remove them all."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)  # handlers only set a flag
+    agent = local_agent(state_root, events)
+    control = ControlServer(agent.handle)
+    await control.start()
+    try:
+        for config in configs:
+            try:
+                await agent.add(config)
+            except Exception as exc:
+                log.error("pod %s could not be created: %s", config.name, exc)
+                return 1
+        await stop.wait()
+        log.info("stopping: removing %d pod(s)", len(agent.pods))
+        return 0
+    finally:
+        await agent.stop_all()
+        await control.close()

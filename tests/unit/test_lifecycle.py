@@ -1,0 +1,295 @@
+"""The lifecycle told as playbooks, plus its invariants under random events."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from activator import commands as c
+from activator import events as e
+from activator.lifecycle import TRANSITIONS, Lifecycle, LifecycleError, Phase, Policy, state_diagram
+
+from .playbook import Playbook, Reported
+
+IDLE = 10.0
+
+
+def running(now: float = 0.0) -> Lifecycle:
+    m = Lifecycle(Policy(scaledown_after=IDLE))
+    m.handle(e.Boot(now))
+    m.handle(e.AppStarted(now))
+    return m
+
+
+def scaled_down() -> Lifecycle:
+    m = running()
+    m.handle(e.IdleTimerFired(IDLE))
+    m.handle(e.CheckpointDone(IDLE + 1, duration_ms=80.0, image_bytes=1000))
+    assert m.phase is Phase.SCALED_DOWN
+    return m
+
+
+def test_boot_starts_the_app_and_arms_the_idle_timer() -> None:
+    m = Lifecycle(Policy(scaledown_after=IDLE))
+    assert (
+        Playbook(m, reports=True)
+        >> e.Boot(0)
+        << Reported("starting")
+        << c.StartApp("first start")
+        >> e.AppStarted(0.5)
+        << Reported("running")
+        << c.SetIdleDeadline(0.5 + IDLE)
+    )
+
+
+def test_idle_app_is_checkpointed_and_woken_by_the_next_connection() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.IdleTimerFired(IDLE)
+        << c.Checkpoint()
+        >> e.AppExited(IDLE + 0.05, "killed by CRIU")
+        >> e.CheckpointDone(IDLE + 0.1, duration_ms=100.0, image_bytes=4096)
+        >> e.ConnectionOpened(50, conn=1, port=80)
+        << c.Restore()
+        >> e.ConnectionOpened(50.01, conn=2, port=80)
+        >> e.RestoreDone(50.1, duration_ms=90.0)
+        << c.Forward((1, 2))
+        >> e.ConnectionClosed(51, conn=1)
+        >> e.ConnectionClosed(52, conn=2)
+        << c.SetIdleDeadline(52 + IDLE)
+    )
+    assert (m.phase, m.last_checkpoint_ms, m.image_bytes, m.last_restore_ms) == (
+        Phase.RUNNING,
+        100.0,
+        4096,
+        90.0,
+    )
+
+
+def test_open_connection_blocks_scale_down_until_it_closes() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.ConnectionOpened(1, conn=7, port=80)
+        << c.SetIdleDeadline(None)
+        << c.Forward((7,))
+        >> e.IdleTimerFired(IDLE)  # stale: armed before the connection came
+        >> e.ConnectionClosed(30, conn=7)
+        << c.SetIdleDeadline(30 + IDLE)
+        >> e.IdleTimerFired(30 + IDLE - 1)  # early: the driver's timer is not trusted
+        >> e.IdleTimerFired(30 + IDLE)
+        << c.Checkpoint()
+    )
+
+
+def test_connection_during_checkpoint_is_held_and_served_after_restore() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.IdleTimerFired(IDLE)
+        << c.Checkpoint()
+        >> e.ConnectionOpened(IDLE + 0.01, conn=3, port=80)
+        >> e.CheckpointDone(IDLE + 0.1, duration_ms=90.0, image_bytes=1)
+        << c.Restore()
+        >> e.RestoreDone(IDLE + 0.2, duration_ms=50.0)
+        << c.Forward((3,))
+    )
+
+
+def test_connection_during_failed_checkpoint_is_forwarded_to_the_still_running_app() -> None:
+    m = running()
+    assert (
+        Playbook(m, reports=True)
+        >> e.IdleTimerFired(IDLE)
+        << Reported("checkpointing")
+        << c.Checkpoint()
+        >> e.ConnectionOpened(IDLE + 0.01, conn=3, port=80)
+        >> e.CheckpointFailed(IDLE + 0.1, "dump failed")
+        << Reported("running")
+        << Reported("checkpoint-failed")
+        << c.Forward((3,))
+    )
+
+
+def test_failed_restore_starts_the_app_cold_and_serves_held_connections() -> None:
+    m = scaled_down()
+    assert (
+        Playbook(m, reports=True)
+        >> e.ConnectionOpened(100, conn=1, port=80)
+        << Reported("restoring")
+        << c.Restore()
+        >> e.RestoreFailed(100.1, "corrupted image")
+        << Reported("starting")
+        << Reported("restore-failed")
+        << c.StartApp("restore failed: corrupted image")
+        >> e.AppStarted(100.2)
+        << Reported("running")
+        << c.Forward((1,))
+    )
+
+
+def test_app_that_exits_is_restarted_and_a_crash_loop_marks_the_pod_failed() -> None:
+    m = running()
+    pb = Playbook(m)
+    for i in range(5):
+        t = 1.0 + i
+        pb >> e.AppExited(t, "exit status 1") << c.SetIdleDeadline(None)
+        pb << c.StartApp("the app exited (exit status 1)")
+        pb >> e.AppStarted(t + 0.1) << c.SetIdleDeadline(t + 0.1 + IDLE)
+    pb >> e.AppExited(7, "exit status 1") << c.SetIdleDeadline(None)
+    pb >> e.ConnectionOpened(8, conn=9, port=80) << c.Refuse((9,), "pod is failed")
+    pb >> e.WakeRequested(9) << c.StartApp("asked to wake after failure")
+    assert pb
+    assert m.phase is Phase.STARTING
+
+
+def test_scale_down_by_hand_is_refused_while_a_connection_is_open() -> None:
+    m = running()
+    assert (
+        Playbook(m, reports=True)
+        >> e.ConnectionOpened(1, conn=1, port=80)
+        << c.SetIdleDeadline(None)
+        << c.Forward((1,))
+        >> e.ScaleDownRequested(2)
+        << Reported("scale-down-refused")
+    )
+    assert m.phase is Phase.RUNNING
+
+
+def test_wake_by_hand_during_checkpoint_restores_right_after_it() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.ScaleDownRequested(1)
+        << c.SetIdleDeadline(None)
+        << c.Checkpoint()
+        >> e.WakeRequested(1.01)
+        >> e.CheckpointDone(1.1, duration_ms=90.0, image_bytes=1)
+        << c.Restore()
+    )
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        (running, [c.SetIdleDeadline(None), c.Teardown()]),
+        (scaled_down, [c.Teardown()]),
+    ],
+)
+def test_stop_when_nothing_is_in_flight_tears_down_at_once(setup, expected) -> None:  # type: ignore[no-untyped-def]
+    m = setup()
+    out = [x for x in m.handle(e.StopRequested(99)) if not isinstance(x, c.Report)]
+    assert out == expected
+    assert m.phase is Phase.STOPPED
+
+
+def test_stop_during_restore_waits_for_it_then_refuses_held_connections() -> None:
+    m = scaled_down()
+    assert (
+        Playbook(m)
+        >> e.ConnectionOpened(100, conn=1, port=80)
+        << c.Restore()
+        >> e.StopRequested(100.05)
+        >> e.ConnectionOpened(100.06, conn=2, port=80)
+        << c.Refuse((2,), "pod is stopping")
+        >> e.RestoreDone(100.1, duration_ms=50)
+        << c.Refuse((1,), "pod is stopping")
+        << c.Teardown()
+    )
+
+
+def test_an_event_the_phase_cannot_take_is_a_driver_bug() -> None:
+    m = running()
+    with pytest.raises(LifecycleError, match="RestoreDone cannot happen while running"):
+        m.handle(e.RestoreDone(1, duration_ms=1))
+    assert m.phase is Phase.RUNNING
+
+
+def test_every_phase_takes_every_connection_event_and_stop() -> None:
+    for phase in Phase:
+        if phase is Phase.CREATED:
+            continue
+        for event in (e.ConnectionOpened, e.ConnectionClosed, e.IdleTimerFired, e.StopRequested):
+            assert (phase, event) in TRANSITIONS, (phase, event)
+
+
+def test_state_diagram_lists_the_main_cycle() -> None:
+    diagram = state_diagram()
+    assert "RUNNING --> CHECKPOINTING: IdleTimerFired, ScaleDownRequested" in diagram
+    assert "SCALED_DOWN --> RESTORING: ConnectionOpened, WakeRequested" in diagram
+
+
+# -- invariants -------------------------------------------------------------------
+
+
+def answers(command: c.Command, now: float) -> list[e.Event]:
+    """What a driver could answer to a command that does I/O."""
+    match command:
+        case c.StartApp():
+            return [e.AppStarted(now), e.AppStartFailed(now, "no such file")]
+        case c.Checkpoint():
+            return [e.CheckpointDone(now, 1.0, 1), e.CheckpointFailed(now, "dump failed")]
+        case c.Restore():
+            return [e.RestoreDone(now, 1.0), e.RestoreFailed(now, "bad image")]
+    return []
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None:
+    """Never checkpoint with a connection open or held; every held connection
+    ends forwarded or refused; at most one I/O operation is in flight."""
+    m = Lifecycle(Policy(scaledown_after=IDLE))
+    now = 0.0
+    pending: list[c.Command] = []  # I/O in flight, answered later
+    next_conn = 1
+    held_ever: set[int] = set()
+    resolved: set[int] = set()
+    closed_by_client: set[int] = set()
+
+    def feed(event: e.Event) -> None:
+        for command in m.handle(event):
+            match command:
+                case c.Checkpoint():
+                    assert m.idle, "checkpoint with a connection open or held"
+                case c.Forward(conns) | c.Refuse(conns, _):
+                    resolved.update(conns)
+            if isinstance(command, c.StartApp | c.Checkpoint | c.Restore):
+                assert not pending, f"{command} while {pending} in flight"
+                pending.append(command)
+        held_ever.update(m.held_connections)
+
+    feed(e.Boot(now))
+    for _ in range(data.draw(st.integers(0, 60))):
+        now += data.draw(st.floats(0, 2 * IDLE))
+        choice = data.draw(
+            st.sampled_from(["open", "close", "timer", "answer", "down", "wake", "exit"])
+        )
+        if choice == "open":
+            feed(e.ConnectionOpened(now, conn=next_conn, port=80))
+            next_conn += 1
+        elif choice == "close":
+            live = sorted(m.open_connections | set(m.held_connections))
+            if live:
+                conn = data.draw(st.sampled_from(live))
+                if conn in m.held_connections:
+                    closed_by_client.add(conn)
+                feed(e.ConnectionClosed(now, conn=conn))
+        elif choice == "timer":
+            feed(e.IdleTimerFired(now))
+        elif choice == "answer" and pending:
+            feed(data.draw(st.sampled_from(answers(pending.pop(), now))))
+        elif choice == "down":
+            feed(e.ScaleDownRequested(now))
+        elif choice == "wake":
+            feed(e.WakeRequested(now))
+        elif choice == "exit" and m.phase in (Phase.RUNNING, Phase.CHECKPOINTING):
+            feed(e.AppExited(now, "exit status 1"))
+    feed(e.StopRequested(now))
+    while pending:
+        feed(answers(pending.pop(), now)[0])
+    assert m.phase is Phase.STOPPED
+    assert not m.held_connections
+    assert held_ever - closed_by_client <= resolved
