@@ -246,6 +246,9 @@ class PodDriver:
             self.feed(e.CheckpointFailed(self._loop.time(), str(exc)))
             return
         ms = (time.monotonic() - started) * 1000
+        # CRIU killed the app; reap it before anything (a restore) wants its pid.
+        with contextlib.suppress(TimeoutError, KeyError):
+            await asyncio.wait_for(asyncio.shield(self._exits[pid]), STOP_GRACE)
         # The new image replaces the old one only once it is complete.
         shutil.rmtree(self.images, ignore_errors=True)
         staging.rename(self.images)
