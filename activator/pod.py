@@ -223,7 +223,10 @@ class PodDriver:
         def exited() -> None:
             self._loop.remove_reader(pidfd)
             os.close(pidfd)
-            _, status = os.waitpid(pid, 0)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped by the sandbox's teardown
+                status = 0
             del self._exits[pid]
             exit_status.set_result(status)
             if pid == self.app_pid:

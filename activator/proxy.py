@@ -13,7 +13,7 @@ import itertools
 import logging
 import socket
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class _Side(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -105,13 +105,23 @@ class ClientConnection(_Side):
         self.accepted_at = time.monotonic()
         self.first_byte_at: float | None = None
         self.forwarded = False
+        self.early_data: list[bytes] = []  # read before the app was connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         # Hold: whatever the client sends stays in the kernel until forwarded.
+        # (uvloop may already have read a first chunk: see data_received.)
         assert self.transport is not None
         self.transport.pause_reading()
         self.events.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.early_data.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -153,7 +163,11 @@ class ClientConnection(_Side):
         if self.closed:
             upstream.close()
             return
-        if self.eof and upstream.transport is not None:
+        assert upstream.transport is not None
+        for chunk in self.early_data:
+            upstream.transport.write(chunk)
+        self.early_data.clear()
+        if self.eof:
             upstream.transport.write_eof()
         assert self.transport is not None
         self.transport.resume_reading()

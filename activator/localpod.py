@@ -1,0 +1,109 @@
+"""A local pod as the sandbox of a PodDriver: netns, veth, pause, redirects, app.
+
+Laid out as a kubelet lays out a pod (see netns.pod): a pause process pins the
+pod's network and pid namespaces, the app joins both, and the activator stays
+outside, reaching the app over the pod's loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from activator.config import PodConfig
+from activator.criu import Externals
+from activator.pod import SpawnFailed
+from netns.errors import NetnsError, SpawnError
+from netns.namespace import NetnsThread
+from netns.nft import Redirector
+from netns.pod import Pause, PodNetwork, create_pod, destroy_pod, spawn_in_pod, start_pause
+
+log = logging.getLogger(__name__)
+
+
+class LocalSandbox:
+    def __init__(self, config: PodConfig) -> None:
+        self.name = config.name
+        self.address = ""
+        self.network: PodNetwork | None = None
+        self.pause: Pause | None = None
+        self.thread: NetnsThread | None = None
+        self.redirector: Redirector | None = None
+        # The app's stdout and stderr: one pipe, read by us, kept across
+        # checkpoints (CRIU reconnects the restored app to it).
+        self.output_r, self.output_w = os.pipe()
+        self._output_tail = b""
+
+    async def create(self) -> None:
+        self.network = await asyncio.to_thread(create_pod, self.name, owner_pid=os.getpid())
+        self.address = str(self.network.address)
+        self.pause = await asyncio.to_thread(start_pause, str(self.network.netns_path))
+        self.thread = NetnsThread(self.network.netns_path, name=f"netns-{self.name}")
+        self.redirector = Redirector(self.thread)
+        os.set_blocking(self.output_r, False)
+        asyncio.get_running_loop().add_reader(self.output_r, self._log_output)
+
+    def _in_pod(self) -> NetnsThread:
+        if self.thread is None:
+            raise NetnsError(f"pod {self.name} has no network namespace yet")
+        return self.thread
+
+    async def socket(self) -> socket.socket:
+        return await self._in_pod().acall(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
+
+    async def redirect(self, shadow_ports: Mapping[int, int]) -> None:
+        assert self.redirector is not None
+        await self._in_pod().acall(self.redirector.install, shadow_ports)
+
+    async def spawn_app(self, command: tuple[str, ...]) -> int:
+        assert self.pause is not None
+        try:
+            return await asyncio.to_thread(
+                spawn_in_pod,
+                self.pause.pid,
+                list(command),
+                stdout=self.output_w,
+                stderr=self.output_w,
+            )
+        except SpawnError as exc:
+            raise SpawnFailed(str(exc)) from exc
+
+    def externals(self) -> Externals:
+        assert self.pause is not None
+        proc = Path(f"/proc/{self.pause.pid}/ns")
+        return Externals({"net": proc / "net", "pid": proc / "pid"}, pipes=(self.output_w,))
+
+    def _log_output(self) -> None:
+        try:
+            data = os.read(self.output_r, 65536)
+        except BlockingIOError:
+            return
+        lines = (self._output_tail + data).split(b"\n")
+        self._output_tail = lines.pop()[-4096:]
+        for line in lines:
+            log.info("pod %s app: %s", self.name, line.decode(errors="replace"))
+
+    async def destroy(self) -> None:
+        """Remove everything `create` made; safe after a partial create."""
+        if self.thread is not None:
+            if self.redirector is not None:
+                with contextlib.suppress(NetnsError):
+                    await self.thread.acall(self.redirector.remove)
+            self.thread.close()
+            self.thread = None
+        if self.network is not None:
+            # reap_children: the pod's pid 1 cannot finish exiting until the
+            # app processes that are our children are reaped.
+            await asyncio.to_thread(destroy_pod, self.network, self.pause, reap_children=True)
+            self.network = None
+            self.pause = None
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.output_r)
+        for fd in (self.output_r, self.output_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
