@@ -15,6 +15,8 @@ from typing import Any, NoReturn, TextIO
 
 from activator.config import ConfigError, FieldError, PodConfig, parse_duration, pod_config
 from activator.control import AGENTS_DIR, ControlError, agent_sockets, ask, find_pod
+from activator.criu import CriuError
+from netns.errors import NetnsError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/pod-activator/pods")
 
@@ -139,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "pod" in answer:
             print(f"{args.pod}: {answer['pod']['phase']}")
         return 0
-    except ControlError as exc:
+    except (ControlError, CriuError, NetnsError) as exc:
         print(f"activator: {exc}", file=sys.stderr)
         return 1
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -293,3 +295,8 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
     assert m.phase is Phase.STOPPED
     assert not m.held_connections
     assert held_ever - closed_by_client <= resolved
+
+
+def test_readme_draws_the_current_transition_table() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"```mermaid\n{state_diagram()}\n```" in readme
