@@ -39,6 +39,13 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class AnswerProbe:
+    """Answer this probe in the app's place with the status it last gave."""
+
+    conn: int
+
+
+@dataclass(frozen=True)
 class Refuse:
     """Close these client connections: they cannot be served. Log why."""
 
@@ -68,4 +75,14 @@ class Report:
     details: Mapping[str, object] = field(default_factory=dict)
 
 
-Command = StartApp | Checkpoint | Restore | Forward | Refuse | SetIdleDeadline | Teardown | Report
+Command = (
+    StartApp
+    | Checkpoint
+    | Restore
+    | Forward
+    | AnswerProbe
+    | Refuse
+    | SetIdleDeadline
+    | Teardown
+    | Report
+)

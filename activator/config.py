@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import TypeVar
 
 DEFAULT_SCALEDOWN_AFTER = 60.0
+DEFAULT_PROBE_WAIT = 0.1
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Go's duration syntax (zeropod's annotations use it): "10s", "1m30s", "500ms".
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,14 @@ class PodConfig:
     ports: tuple[int, ...]
     command: tuple[str, ...]
     scaledown_after: float = DEFAULT_SCALEDOWN_AFTER
+    # Close client connections that carried nothing for this long (and wait
+    # for no answer), so that pods behind keep-alive clients can scale down.
+    close_idle_after: float | None = None
+    probe_detection: bool = True
+    # Where probes come from; empty means the node's own address.
+    probe_sources: tuple[IPv4Network, ...] = ()
+    probe_wait: float = DEFAULT_PROBE_WAIT
+    probe_default_status: int = 200
 
 
 def parse_duration(text: str, field: str) -> float | FieldError:
@@ -68,11 +80,38 @@ def parse_port(text: str, field: str) -> int | FieldError:
     return int(text)
 
 
+def parse_network(text: str, field: str) -> IPv4Network | FieldError:
+    try:
+        return IPv4Network(text.strip(), strict=False)
+    except ValueError:
+        return FieldError(
+            field,
+            f"{text!r} is not an IPv4 address or network",
+            "write it like 10.0.0.1 or 10.0.0.0/24",
+        )
+
+
 def pod_config(
-    *, name: str, ports: Sequence[str], command: Sequence[str], scaledown_after: str | None
+    *,
+    name: str,
+    ports: Sequence[str],
+    command: Sequence[str],
+    scaledown_after: str | None,
+    close_idle_after: str | None = None,
+    probe_detection: bool = True,
+    probe_sources: Sequence[str] = (),
+    probe_wait: str | None = None,
+    probe_default_status: str | None = None,
 ) -> PodConfig:
     """Check every field; raise one ConfigError listing all that are wrong."""
     errors: list[FieldError] = []
+
+    def checked(value: T | FieldError) -> T | None:
+        if isinstance(value, FieldError):
+            errors.append(value)
+            return None
+        return value
+
     if not _NAME.match(name):
         errors.append(
             FieldError(
@@ -83,12 +122,10 @@ def pod_config(
         )
     parsed_ports: list[int] = []
     for text in ports:
-        port = parse_port(text, "--port")
-        if isinstance(port, FieldError):
-            errors.append(port)
-        elif port in parsed_ports:
+        port = checked(parse_port(text, "--port"))
+        if port is not None and port in parsed_ports:
             errors.append(FieldError("--port", f"{port} is given twice", "give each port once"))
-        else:
+        elif port is not None:
             parsed_ports.append(port)
     if not ports:
         errors.append(FieldError("--port", "no port given", "give the app's port: --port 8080"))
@@ -96,13 +133,37 @@ def pod_config(
         errors.append(FieldError("COMMAND", "no command given", "put the app's command after --"))
     seconds = DEFAULT_SCALEDOWN_AFTER
     if scaledown_after is not None:
-        parsed = parse_duration(scaledown_after, "--scaledown-after")
-        if isinstance(parsed, FieldError):
-            errors.append(parsed)
+        seconds = checked(parse_duration(scaledown_after, "--scaledown-after")) or 0.0
+    close_idle = None
+    if close_idle_after is not None:
+        close_idle = checked(parse_duration(close_idle_after, "--close-idle-after"))
+    sources = [checked(parse_network(text, "--probe-source")) for text in probe_sources]
+    wait = DEFAULT_PROBE_WAIT
+    if probe_wait is not None:
+        wait = checked(parse_duration(probe_wait, "--probe-wait")) or 0.0
+    status = 200
+    if probe_default_status is not None:
+        text = probe_default_status.strip()
+        if not text.isdigit() or not 100 <= int(text) <= 599:
+            errors.append(
+                FieldError(
+                    "--probe-default-status",
+                    f"{probe_default_status!r} is not an HTTP status",
+                    "give a number from 100 to 599",
+                )
+            )
         else:
-            seconds = parsed
+            status = int(text)
     if errors:
         raise ConfigError(errors)
     return PodConfig(
-        name=name, ports=tuple(parsed_ports), command=tuple(command), scaledown_after=seconds
+        name=name,
+        ports=tuple(parsed_ports),
+        command=tuple(command),
+        scaledown_after=seconds,
+        close_idle_after=close_idle,
+        probe_detection=probe_detection,
+        probe_sources=tuple(s for s in sources if s is not None),
+        probe_wait=wait,
+        probe_default_status=status,
     )

@@ -26,7 +26,17 @@ class ConnectionOpened(Event):
 
 
 @dataclass(frozen=True)
+class ProbeOpened(Event):
+    """A health probe (kubelet's HTTP probe) came in: answer it, never wake for it."""
+
+    conn: int
+    port: int
+
+
+@dataclass(frozen=True)
 class ConnectionClosed(Event):
+    """A connection or a probe ended."""
+
     conn: int
 
 
@@ -91,6 +101,7 @@ class StopRequested(Event):
 ALL_EVENTS: tuple[type[Event], ...] = (
     Boot,
     ConnectionOpened,
+    ProbeOpened,
     ConnectionClosed,
     IdleTimerFired,
     AppStarted,

@@ -10,7 +10,10 @@ Two rules shape the table:
   it (CRIU closes the app's TCP connections);
 - every connection that arrives is either forwarded to the app or refused with
   a reason; connections that arrive while the app is not running are held
-  until it is (restore or cold start) and then forwarded.
+  until it is (restore or cold start) and then forwarded;
+- probes are not activity: they never wake the app and never postpone a
+  scale-down. While the app runs they pass through (so the activator learns
+  the app's answers); otherwise the activator answers them.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class Lifecycle:
         self.phase = Phase.CREATED
         self.since = 0.0
         self.open_connections: set[int] = set()
+        # Probes passing through to the running app: they block a checkpoint
+        # while open (it would cut them) but do not count as activity.
+        self.open_probes: set[int] = set()
         # Held connections, oldest first, waiting for the app to run.
         self.held_connections: dict[int, int] = {}
         self.idle_deadline: float | None = None
@@ -90,7 +96,13 @@ class Lifecycle:
 
     @property
     def idle(self) -> bool:
+        """No client traffic: the idle deadline may run."""
         return not self.open_connections and not self.held_connections
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing open at all: a checkpoint would cut nothing."""
+        return self.idle and not self.open_probes
 
     def _emit(self, command: c.Command) -> None:
         self._out.append(command)
@@ -161,10 +173,25 @@ def _refuse(m: Lifecycle, ev: Any) -> Phase:
 
 
 def _closed(m: Lifecycle, ev: Any) -> Phase:
+    if ev.conn in m.open_probes:
+        m.open_probes.discard(ev.conn)
+        # A probe may have held back a checkpoint whose deadline has passed.
+        return _idle_timer(m, ev) if m.phase is Phase.RUNNING else m.phase
     m.open_connections.discard(ev.conn)
     m.held_connections.pop(ev.conn, None)
     if m.phase is Phase.RUNNING:
         m._arm_idle_timer_if_idle(ev.now)
+    return m.phase
+
+
+def _probe_passes_through(m: Lifecycle, ev: Any) -> Phase:
+    m.open_probes.add(ev.conn)
+    m._emit(c.Forward((ev.conn,)))
+    return m.phase
+
+
+def _answer_probe(m: Lifecycle, ev: Any) -> Phase:
+    m._emit(c.AnswerProbe(ev.conn))
     return m.phase
 
 
@@ -174,7 +201,8 @@ def _ignore(m: Lifecycle, ev: Any) -> Phase:
 
 
 def _idle_timer(m: Lifecycle, ev: Any) -> Phase:
-    if not m.idle or m.idle_deadline is None or ev.now < m.idle_deadline:
+    # With a probe open the deadline stays; the probe's close checkpoints.
+    if not m.quiet or m.idle_deadline is None or ev.now < m.idle_deadline:
         return m.phase
     m.idle_deadline = None
     m._emit(c.Checkpoint())
@@ -182,8 +210,8 @@ def _idle_timer(m: Lifecycle, ev: Any) -> Phase:
 
 
 def _scale_down(m: Lifecycle, ev: Any) -> Phase:
-    if not m.idle:
-        n = len(m.open_connections) + len(m.held_connections)
+    if not m.quiet:
+        n = len(m.open_connections) + len(m.held_connections) + len(m.open_probes)
         m._report("scale-down-refused", "warning", f"not scaling down: {n} connection(s) open")
         return m.phase
     m._disarm_idle_timer()
@@ -318,6 +346,14 @@ TRANSITIONS: dict[tuple[Phase, type[e.Event]], Rule] = {
     (P.STOPPING, e.ConnectionOpened): _rule(_refuse, P.STOPPING),
     (P.STOPPED, e.ConnectionOpened): _rule(_refuse, P.STOPPED),
     **{(p, e.ConnectionClosed): _rule(_closed, p) for p in (*_ACTIVE, P.STOPPING, P.STOPPED)},
+    (P.RUNNING, e.ConnectionClosed): _rule(_closed, P.RUNNING, P.CHECKPOINTING),
+    # Probes: through to the running app, else answered in its place.
+    (P.RUNNING, e.ProbeOpened): _rule(_probe_passes_through, P.RUNNING),
+    **{
+        (p, e.ProbeOpened): _rule(_answer_probe, p)
+        for p in (P.STARTING, P.CHECKPOINTING, P.SCALED_DOWN, P.RESTORING)
+    },
+    **{(p, e.ProbeOpened): _rule(_refuse, p) for p in (P.FAILED, P.STOPPING, P.STOPPED)},
     # Idle: only a running app with nothing open is checkpointed.
     (P.RUNNING, e.IdleTimerFired): _rule(_idle_timer, P.RUNNING, P.CHECKPOINTING),
     **{

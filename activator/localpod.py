@@ -30,6 +30,7 @@ class LocalSandbox:
     def __init__(self, config: PodConfig) -> None:
         self.name = config.name
         self.address = ""
+        self.node_address = ""
         self.network: PodNetwork | None = None
         self.pause: Pause | None = None
         self.thread: NetnsThread | None = None
@@ -42,6 +43,7 @@ class LocalSandbox:
     async def create(self) -> None:
         self.network = await asyncio.to_thread(create_pod, self.name, owner_pid=os.getpid())
         self.address = str(self.network.address)
+        self.node_address = str(self.network.gateway)
         self.pause = await asyncio.to_thread(start_pause, str(self.network.netns_path))
         self.thread = NetnsThread(self.network.netns_path, name=f"netns-{self.name}")
         self.redirector = Redirector(self.thread)

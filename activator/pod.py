@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Protocol, assert_never
 
@@ -25,7 +26,8 @@ from activator import events as e
 from activator.config import PodConfig
 from activator.criu import Criu, CriuError, Externals
 from activator.lifecycle import Lifecycle, Phase, Policy
-from activator.proxy import ClientConnection, ShadowListener
+from activator.probes import ProbeMemory
+from activator.proxy import ClientConnection, ProbeDetection, ShadowListener
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class Sandbox(Protocol):
     """Where the app lives: its namespaces, its processes, its port redirects."""
 
     address: str
+    # Where kubelet's probes come from (locally: the host side of the pod's link).
+    node_address: str
 
     async def create(self) -> None: ...
 
@@ -72,6 +76,7 @@ class PodStatus:
     since: float  # unix time
     open_connections: int
     held_connections: int
+    open_by_port: dict[int, int]
     last_checkpoint_ms: float | None
     last_restore_ms: float | None
     image_bytes: int | None
@@ -94,7 +99,8 @@ class PodDriver:
         self.images = state_dir / "images"
         self.reporter = reporter
         self.lifecycle = Lifecycle(Policy(scaledown_after=config.scaledown_after))
-        self.listeners = [ShadowListener(port, self) for port in config.ports]
+        self.listeners = [ShadowListener(port, self, None) for port in config.ports]
+        self.probe_memory = ProbeMemory(config.probe_default_status)
         self.connections: dict[int, ClientConnection] = {}
         self.app_pid: int | None = None
         self.stopped = asyncio.Event()
@@ -115,13 +121,23 @@ class PodDriver:
         os.chmod(self.state_dir, 0o700)  # the images hold the app's memory
         try:
             await self.sandbox.create()
+            detection = self._probe_detection()
             for listener in self.listeners:
+                listener.probe_detection = detection
                 await listener.start(self.sandbox)
             await self.sandbox.redirect({ln.app_port: ln.shadow_port for ln in self.listeners})
         except BaseException:
             await self._remove_everything()
             raise
         self.feed(e.Boot(self._loop.time()))
+        if self.config.close_idle_after is not None:
+            self._spawn(self._close_quiet_connections(self.config.close_idle_after))
+
+    def _probe_detection(self) -> ProbeDetection | None:
+        if not self.config.probe_detection:
+            return None
+        sources = self.config.probe_sources or (IPv4Network(self.sandbox.node_address),)
+        return ProbeDetection(sources, self.config.probe_wait)
 
     # -- the loop between lifecycle and drivers --------------------------------
 
@@ -143,6 +159,9 @@ class PodDriver:
                     if conn is not None:
                         deadline = time.monotonic() + CONNECT_TIMEOUT
                         self._spawn(conn.forward(self.sandbox, conn.port, deadline))
+            case c.AnswerProbe(conn_id):
+                if (conn := self.connections.get(conn_id)) is not None:
+                    conn.answer(self.probe_memory.answer(conn.port, conn.probe_path or "/"))
             case c.Refuse(conns, reason):
                 for conn_id in conns:
                     if (conn := self.connections.get(conn_id)) is not None:
@@ -182,6 +201,24 @@ class PodDriver:
         self.feed(e.ConnectionOpened(self._loop.time(), conn=conn.id, port=conn.port))
         if was_scaled_down and self.lifecycle.phase is Phase.RESTORING:
             self._waking_conn = conn.id
+
+    def probe_opened(self, conn: ClientConnection) -> None:
+        self.connections[conn.id] = conn
+        self.feed(e.ProbeOpened(self._loop.time(), conn=conn.id, port=conn.port))
+
+    def probe_answered(self, conn: ClientConnection, status: int) -> None:
+        self.probe_memory.remember(conn.port, conn.probe_path or "/", status)
+
+    async def _close_quiet_connections(self, quiet_for: float) -> None:
+        """Close client connections that are open but idle (keep-alive, pools)."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(min(quiet_for / 4, 1.0))
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if conn.close_if_quiet(quiet_for, now):
+                    log.info(
+                        "pod %s: closed connection %d, idle %.0fs", self.name, conn.id, quiet_for
+                    )
 
     def connection_closed(self, conn: ClientConnection) -> None:
         if self.connections.pop(conn.id, None) is not None:
@@ -327,6 +364,14 @@ class PodDriver:
             phase=m.phase.value,
             since=time.time() - (self._loop.time() - m.since),
             open_connections=len(m.open_connections),
+            open_by_port={
+                port: sum(
+                    1
+                    for conn in self.connections.values()
+                    if conn.port == port and conn.id in m.open_connections
+                )
+                for port in self.config.ports
+            },
             held_connections=len(m.held_connections),
             last_checkpoint_ms=m.last_checkpoint_ms,
             last_restore_ms=m.last_restore_ms,

@@ -3,7 +3,10 @@
 A client connection is accepted at once and its reading paused, so whatever it
 sends waits in the kernel while the app is brought back. `ClientConnection`s
 are created by the listener; the pod driver tells the lifecycle about them and
-later calls `forward()` or `refuse()` as the lifecycle commands.
+later calls `forward()`, `answer()` or `refuse()` as the lifecycle commands.
+
+Connections from a probe source are first sniffed (see probes.py): a probe is
+reported as one (`probe_opened`), never as activity.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import itertools
 import logging
 import socket
 import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Protocol, cast
+
+from activator import probes
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,10 @@ class SocketMaker(Protocol):
 
 class ConnectionEvents(Protocol):
     def connection_opened(self, conn: ClientConnection) -> None: ...
+
+    def probe_opened(self, conn: ClientConnection) -> None: ...
+
+    def probe_answered(self, conn: ClientConnection, status: int) -> None: ...
 
     def connection_closed(self, conn: ClientConnection) -> None: ...
 
@@ -88,42 +99,124 @@ class _Upstream(_Side):
         self.client = client
 
     def data_received(self, data: bytes) -> None:
-        if self.client.first_byte_at is None:
-            self.client.first_byte_at = time.monotonic()
-            self.client.events.first_byte(self.client)
+        client = self.client
+        client.last_activity = time.monotonic()
+        client.awaiting_response = False
+        if client.first_byte_at is None:
+            client.first_byte_at = client.last_activity
+            client.events.first_byte(client)
+            if client.probe_path is not None and (status := probes.response_status(data)):
+                client.events.probe_answered(client, status)
         super().data_received(data)
+
+
+@dataclass(frozen=True)
+class ProbeDetection:
+    sources: tuple[IPv4Network, ...]
+    # How long a connection from a probe source may stay silent before it is
+    # taken for real traffic (a client whose protocol has the server speak first).
+    wait: float = 0.1
+
+    def applies_to(self, peer: str) -> bool:
+        address = ip_address(peer)
+        return isinstance(address, IPv4Address) and any(address in net for net in self.sources)
 
 
 class ClientConnection(_Side):
     """A client of the app, accepted on a shadow port."""
 
-    def __init__(self, port: int, events: ConnectionEvents) -> None:
+    def __init__(
+        self, port: int, events: ConnectionEvents, probe_detection: ProbeDetection | None
+    ) -> None:
         super().__init__()
         self.id = next(_conn_ids)
         self.port = port
         self.events = events
+        self.probe_detection = probe_detection
         self.accepted_at = time.monotonic()
+        self.last_activity = self.accepted_at
+        self.awaiting_response = False  # the client spoke last: a request is in flight
         self.first_byte_at: float | None = None
-        self.forwarded = False
+        self.probe_path: str | None = None
         self.early_data: list[bytes] = []  # read before the app was connected
+        self._sniff_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        # Hold: whatever the client sends stays in the kernel until forwarded.
-        # (uvloop may already have read a first chunk: see data_received.)
-        assert self.transport is not None
-        self.transport.pause_reading()
-        self.events.connection_opened(self)
+        peer = transport.get_extra_info("peername")
+        if self.probe_detection is not None and peer and self.probe_detection.applies_to(peer[0]):
+            loop = asyncio.get_running_loop()
+            self._sniff_timer = loop.call_later(
+                self.probe_detection.wait, self._decide, probes.REAL
+            )
+            return  # keep reading: the first bytes say what this is
+        self._decide(probes.REAL)
+
+    def _decide(self, verdict: probes.Verdict) -> None:
+        if self._sniff_timer is not None:
+            self._sniff_timer.cancel()
+            self._sniff_timer = None
+        match verdict.kind:
+            case probes.Kind.REAL:
+                # Hold: what the client sends stays in the kernel until forwarded.
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self.events.connection_opened(self)
+            case probes.Kind.HTTP_PROBE:
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self.probe_path = verdict.path
+                self.events.probe_opened(self)
+            case probes.Kind.TCP_PROBE:
+                # Connected and closed without a byte: answered by accepting.
+                self.close()
+
+    @property
+    def sniffing(self) -> bool:
+        return self._sniff_timer is not None
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.awaiting_response = True
         if self.peer is None:
+            # Before the app is connected (uvloop may deliver a first chunk
+            # even after pause_reading in connection_made): keep it.
             self.early_data.append(data)
-            if self.transport is not None:
+            if self.sniffing:
+                head = b"".join(self.early_data)
+                if (verdict := probes.classify(head, eof=False)) is not None:
+                    self._decide(verdict)
+            elif self.transport is not None:
                 self.transport.pause_reading()
             return
         super().data_received(data)
 
+    def eof_received(self) -> bool:
+        if self.sniffing:
+            self.eof = True
+            verdict = probes.classify(b"".join(self.early_data), eof=True)
+            self._decide(verdict or probes.REAL)
+            return True
+        return super().eof_received()
+
+    def answer(self, response: bytes) -> None:
+        """Answer in the app's place (a probe while the app is not running)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def close_if_quiet(self, quiet_for: float, now: float) -> bool:
+        """Close gracefully (FIN both ways) if nothing moved for `quiet_for`
+        seconds and no request is waiting for its answer."""
+        if self.awaiting_response or now - self.last_activity < quiet_for or self.peer is None:
+            return False
+        self.close()
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._sniff_timer is not None:
+            self._sniff_timer.cancel()
+            self._sniff_timer = None
         super().connection_lost(exc)
         self.events.connection_closed(self)
 
@@ -133,7 +226,6 @@ class ClientConnection(_Side):
         A cold-started app may not listen yet: retry a refused connect until
         `deadline` (monotonic seconds), then fail with a logged reason.
         """
-        self.forwarded = True
         loop = asyncio.get_running_loop()
         delay = 0.002
         while True:
@@ -182,9 +274,12 @@ class ClientConnection(_Side):
 class ShadowListener:
     """Listens on one shadow port inside the pod for one app port."""
 
-    def __init__(self, app_port: int, events: ConnectionEvents) -> None:
+    def __init__(
+        self, app_port: int, events: ConnectionEvents, probe_detection: ProbeDetection | None
+    ) -> None:
         self.app_port = app_port
         self.events = events
+        self.probe_detection = probe_detection
         self.server: asyncio.AbstractServer | None = None
         self.shadow_port = 0
 
@@ -197,7 +292,7 @@ class ShadowListener:
         self.shadow_port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ClientConnection(self.app_port, self.events), sock=sock
+            lambda: ClientConnection(self.app_port, self.events, self.probe_detection), sock=sock
         )
 
     async def close(self) -> None:

@@ -219,7 +219,9 @@ def test_every_phase_takes_every_connection_event_and_stop() -> None:
 
 def test_state_diagram_lists_the_main_cycle() -> None:
     diagram = state_diagram()
-    assert "RUNNING --> CHECKPOINTING: IdleTimerFired, ScaleDownRequested" in diagram
+    assert (
+        "RUNNING --> CHECKPOINTING: ConnectionClosed, IdleTimerFired, ScaleDownRequested" in diagram
+    )
     assert "SCALED_DOWN --> RESTORING: ConnectionOpened, WakeRequested" in diagram
 
 
@@ -255,7 +257,7 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
         for command in m.handle(event):
             match command:
                 case c.Checkpoint():
-                    assert m.idle, "checkpoint with a connection open or held"
+                    assert m.quiet, "checkpoint with a connection or probe open or held"
                 case c.Forward(conns) | c.Refuse(conns, _):
                     resolved.update(conns)
             if isinstance(command, c.StartApp | c.Checkpoint | c.Restore):
@@ -273,7 +275,7 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
             feed(e.ConnectionOpened(now, conn=next_conn, port=80))
             next_conn += 1
         elif choice == "close":
-            live = sorted(m.open_connections | set(m.held_connections))
+            live = sorted(m.open_connections | set(m.held_connections) | m.open_probes)
             if live:
                 conn = data.draw(st.sampled_from(live))
                 if conn in m.held_connections:

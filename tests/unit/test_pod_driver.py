@@ -40,6 +40,7 @@ def spawn_sample_app(port: int) -> int:
 
 class FakeSandbox:
     address = "127.0.0.1"
+    node_address = "127.0.0.1"
 
     def __init__(self) -> None:
         self.redirects: dict[int, int] = {}
