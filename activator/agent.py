@@ -95,12 +95,7 @@ class Agent:
             return {"pod": asdict(pod.status())}
         if op == "add":
             try:
-                config = pod_config(
-                    name=str(request["name"]),
-                    ports=[str(p) for p in request["ports"]],
-                    command=[str(a) for a in request["command"]],
-                    scaledown_after=request.get("scaledown_after"),
-                )
+                config = pod_config(**request["settings"])
             except (KeyError, TypeError) as exc:
                 raise AgentError(f"malformed add request: {exc}") from exc
             except ConfigError as exc:

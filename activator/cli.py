@@ -40,6 +40,50 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="idle time before scale-down, e.g. 30s, 5m (default 1m)",
     )
+    parser.add_argument(
+        "--close-idle-after",
+        metavar="DURATION",
+        help="close client connections that carried nothing for this long (default: never)",
+    )
+    parser.add_argument(
+        "--no-probe-detection",
+        dest="probe_detection",
+        action="store_false",
+        help="treat every connection as real traffic (no probe answering)",
+    )
+    parser.add_argument(
+        "--probe-source",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="where kubelet probes come from (repeatable; default: the node's address)",
+    )
+    parser.add_argument(
+        "--probe-wait",
+        metavar="DURATION",
+        help="how long a silent connection from a probe source is sniffed (default 100ms)",
+    )
+    parser.add_argument(
+        "--probe-default-status",
+        metavar="CODE",
+        help="HTTP status for probes before the app answered one (default 200)",
+    )
+
+
+def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
+    """The pod flags as given: `pod_config(**settings)` checks them (here and in
+    the agent that receives them through `activator add`)."""
+    return {
+        "name": args.name or f"pod-{secrets.token_hex(3)}",
+        "ports": args.port,
+        "command": command,
+        "scaledown_after": args.scaledown_after,
+        "close_idle_after": args.close_idle_after,
+        "probe_detection": args.probe_detection,
+        "probe_sources": args.probe_source,
+        "probe_wait": args.probe_wait,
+        "probe_default_status": args.probe_default_status,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,20 +138,12 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _config(args: argparse.Namespace, command: list[str]) -> PodConfig:
-    return pod_config(
-        name=args.name or f"pod-{secrets.token_hex(3)}",
-        ports=args.port,
-        command=command,
-        scaledown_after=args.scaledown_after,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     flags, command = _split_command(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(flags)
-        config = _config(args, command) if args.cmd in ("run", "add") else None
+        settings = _pod_settings(args, command) if args.cmd in ("run", "add") else {}
+        config = pod_config(**settings) if settings else None
         demo_idle = 0.0
         if args.cmd == "demo":
             parsed = parse_duration(args.scaledown_after, "--scaledown-after")
@@ -130,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, config)
         if args.cmd == "add":
             assert config is not None
-            return _add(config)
+            return _add(settings)
         if args.cmd == "status":
             return _status(args.json)
         if args.cmd == "demo":
@@ -173,7 +209,7 @@ def asyncio_run(coro: Any) -> int:
     return result
 
 
-def _add(config: PodConfig) -> int:
+def _add(settings: dict[str, Any]) -> int:
     sockets = list(agent_sockets())
     if len(sockets) != 1:
         where = "none is" if not sockets else f"{len(sockets)} are"
@@ -183,15 +219,7 @@ def _add(config: PodConfig) -> int:
             file=sys.stderr,
         )
         return 1
-    request = {
-        "op": "add",
-        "name": config.name,
-        "ports": list(config.ports),
-        "command": list(config.command),
-        "scaledown_after": f"{config.scaledown_after}s",
-    }
-    answer = ask(sockets[0], request)
-    pod = answer["pod"]
+    pod = ask(sockets[0], {"op": "add", "settings": settings})["pod"]
     print(f"{pod['name']}: {pod['phase']} at {pod['address']}")
     return 0
 

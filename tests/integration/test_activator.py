@@ -311,9 +311,25 @@ def _read_response(sock: socket.socket) -> tuple[int, Event | None]:
     return status, json.loads(body)
 
 
-def concurrent_get_state(address: str, count: int) -> list[tuple[int, Event | None]]:
+@dataclass(frozen=True)
+class Answer:
+    status: int  # 0: no HTTP response at all
+    body: Event | None  # None: not a complete JSON body
+    seconds: float  # from the first connect to the end of this response
+
+
+def concurrent_get_state(address: str, count: int) -> list[Answer]:
     """Open `count` connections at once, then send GET /state on each and read all."""
     socks: list[socket.socket] = []
+    started = time.monotonic()
+
+    def read(sock: socket.socket) -> Answer:
+        try:
+            status, body = _read_response(sock)
+        except OSError as exc:  # a reset or a timeout: no answer
+            return Answer(0, {"error": str(exc)}, time.monotonic() - started)
+        return Answer(status, body, time.monotonic() - started)
+
     try:
         for _ in range(count):
             socks.append(socket.create_connection((address, APP_PORT), timeout=HTTP_TIMEOUT))
@@ -323,23 +339,21 @@ def concurrent_get_state(address: str, count: int) -> list[tuple[int, Event | No
         for sock in socks:
             sock.sendall(request_bytes)
         with ThreadPoolExecutor(max_workers=count) as pool:
-            return list(pool.map(_read_response, socks))
+            return list(pool.map(read, socks))
     finally:
         for sock in socks:
             sock.close()
 
 
-def assert_all_served(
-    responses: list[tuple[int, Event | None]], boot_id: str, first_hit: int
-) -> None:
-    """Every response is a 200 of the same app instance, and each was served once."""
-    bad = [(status, body) for status, body in responses if status != 200 or body is None]
-    assert not bad, f"{len(bad)} of {len(responses)} connections got no correct answer: {bad[:5]}"
-    bodies = [body for _, body in responses if body is not None]
+def assert_all_served(answers: list[Answer], boot_id: str, first_hit: int) -> None:
+    """Every answer is a 200 of the same app instance, and each request was served once."""
+    bad = [a for a in answers if a.status != 200 or a.body is None]
+    assert not bad, f"{len(bad)} of {len(answers)} connections got no correct answer: {bad[:5]}"
+    bodies = [a.body for a in answers if a.body is not None]
     boot_ids = {body["boot_id"] for body in bodies}
     assert boot_ids == {boot_id}, f"answers came from {boot_ids}, expected only {boot_id}"
     hits = sorted(body["hits"] for body in bodies)
-    assert hits == list(range(first_hit, first_hit + len(responses))), hits
+    assert hits == list(range(first_hit, first_hit + len(answers))), hits
 
 
 def phase_changes(events: list[Event]) -> list[str]:
@@ -627,7 +641,7 @@ def test_corrupt_image_falls_back_to_a_cold_start_that_serves(activator: StartAc
     assert after["boot_id"] != before["boot_id"]
     assert after["values"] == {} and after["hits"] == 1
     failed, _ = act.wait_for("restore-failed", after=mark)
-    running, ev = act.wait_for("running", after=failed)
+    _, ev = act.wait_for("running", after=failed)
     assert detail(ev, "restore_ms") is None, "running after a failed restore is a cold start"
     assert len(act.app_pids()) == 1, "a failed restore left processes in the pod"
 

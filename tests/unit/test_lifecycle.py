@@ -302,3 +302,44 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
 def test_readme_draws_the_current_transition_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert f"```mermaid\n{state_diagram()}\n```" in readme
+
+
+def test_probe_while_scaled_down_is_answered_without_a_wake() -> None:
+    m = scaled_down()
+    assert (
+        Playbook(m)
+        >> e.ProbeOpened(100, conn=1, port=80)
+        << c.AnswerProbe(1)
+        >> e.ConnectionClosed(100.01, conn=1)
+    )
+    assert m.phase is Phase.SCALED_DOWN
+
+
+def test_probes_pass_through_to_the_running_app_but_do_not_postpone_scale_down() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.ProbeOpened(IDLE - 1, conn=1, port=80)
+        << c.Forward((1,))
+        >> e.ConnectionClosed(IDLE - 0.9, conn=1)
+        >> e.ProbeOpened(IDLE - 0.1, conn=2, port=80)
+        << c.Forward((2,))
+        # The deadline passes while a probe is open: it must not be cut...
+        >> e.IdleTimerFired(IDLE)
+        # ...and its close checkpoints at once.
+        >> e.ConnectionClosed(IDLE + 0.05, conn=2)
+        << c.Checkpoint()
+    )
+
+
+def test_probe_during_checkpoint_or_restore_is_answered_in_the_apps_place() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.IdleTimerFired(IDLE)
+        << c.Checkpoint()
+        >> e.ProbeOpened(IDLE + 0.01, conn=1, port=80)
+        << c.AnswerProbe(1)
+        >> e.CheckpointDone(IDLE + 0.1, duration_ms=90.0, image_bytes=1)
+    )
+    assert m.phase is Phase.SCALED_DOWN
