@@ -245,13 +245,15 @@ class ClientConnection(_Side):
                 delay = min(delay * 2, 0.1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         upstream = _Upstream(self)
+        # Linked before connecting: a server-first app speaks at once.
+        upstream.peer = self
         try:
             await loop.create_connection(lambda: upstream, sock=sock)
         except OSError as exc:
             sock.close()
             self.refuse(f"relay to the app failed: {exc}")
             return
-        upstream.peer, self.peer = self, upstream
+        self.peer = upstream
         if self.closed:
             upstream.close()
             return

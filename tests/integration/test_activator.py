@@ -593,6 +593,23 @@ def test_fifty_connections_while_scaled_down_share_one_restore(
     assert [ev["event"] for ev in woke].count("restore-failed") == 0
 
 
+def test_manual_scale_down_and_wake(activator: StartActivator) -> None:
+    act = activator(scaledown_after="10m")
+    address = act.address()
+    before = get_state(address)
+    mark = act.mark()
+    assert cli("scale-down", act.name).stdout.strip() == f"{act.name}: checkpointing"
+    act.wait_for("scaled-down", after=mark)
+    assert not act.app_pids()
+    mark = act.mark()
+    assert cli("wake", act.name).stdout.strip() == f"{act.name}: restoring"
+    _, running = act.wait_for("running", after=mark)
+    assert detail(running, "restore_ms") is not None, running
+    assert len(act.app_pids()) == 1
+    after = get_state(address)
+    assert after["boot_id"] == before["boot_id"] and after["hits"] == before["hits"] + 1
+
+
 def test_fifty_connections_during_a_checkpoint_are_held_and_served(
     activator: StartActivator,
 ) -> None:
@@ -775,6 +792,10 @@ GOOD_COMMAND = ["--", PYTHON, "-m", "activator.sampleapp", "--port", str(APP_POR
             GOOD_COMMAND,
             "--scaledown-after",
         ),
+        (["run", "--port", "8080", "--scaledown-after", "-5s"], GOOD_COMMAND, "--scaledown-after"),
+        (["run", "--port", "8080", "--port", "8080"], GOOD_COMMAND, "--port"),
+        (["run", "--port"], GOOD_COMMAND, "--port"),
+        (["run", "--port", "8080", "--name", "Not_A_Name"], GOOD_COMMAND, "--name"),
         (["run", "--port", "8080"], [], "command"),
         (["run", "--port", "8080"], ["--"], "command"),
         (["add", "--port", "http"], GOOD_COMMAND, "--port"),
@@ -785,6 +806,10 @@ GOOD_COMMAND = ["--", PYTHON, "-m", "activator.sampleapp", "--port", str(APP_POR
         "run-port-zero",
         "run-negative-duration",
         "run-bad-duration",
+        "run-negative-duration-separate",
+        "run-port-twice",
+        "run-port-no-value",
+        "run-bad-name",
         "run-no-command",
         "run-empty-command",
         "add-port-malformed",
@@ -796,6 +821,9 @@ def test_bad_flags_exit_2_with_one_line_and_create_nothing(
 ) -> None:
     name = unique_name("bad")
     argv = [*flags, "--name", name]
+    if "--name" in flags:
+        name = flags[flags.index("--name") + 1]
+        argv = list(flags)
     if flags[0] == "run":
         argv += ["--events", str(tmp_path / "events"), "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(
@@ -822,3 +850,22 @@ def test_bad_flags_exit_2_with_one_line_and_create_nothing(
     assert not leases_of(name)
     assert not (tmp_path / "events").exists()
     assert not (tmp_path / "state").exists()
+
+
+# A known bug (see the assertion message): kept last so that -x runs the rest first.
+def test_fifty_connections_held_for_a_wake_are_answered_within_a_second(
+    activator: StartActivator,
+) -> None:
+    """A restore takes ~50 ms here; an answer later than 1 s (the kernel's initial
+    SYN retransmission timeout) means a handshake was dropped on the way to the app."""
+    act = activator()
+    address = act.address()
+    before = get_state(address)
+    act.wait_for("scaled-down", after=act.mark())
+    answers = concurrent_get_state(address, 50)
+    assert_all_served(answers, before["boot_id"], before["hits"] + 1)
+    slow = sorted(round(a.seconds, 2) for a in answers if a.seconds > 1.0)
+    assert not slow, (
+        f"{len(slow)} of {len(answers)} held connections were answered after more than 1 s "
+        f"(seconds: {slow}): the app's listen backlog dropped the burst of forwarded connects"
+    )
