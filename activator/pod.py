@@ -26,7 +26,7 @@ from activator import events as e
 from activator.config import PodConfig
 from activator.criu import Criu, CriuError, Externals
 from activator.lifecycle import Lifecycle, Phase, Policy
-from activator.probes import ProbeMemory
+from activator.probes import ProbeMemory, Verdict
 from activator.proxy import ClientConnection, ProbeDetection, ShadowListener
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,9 @@ class PodDriver:
                         deadline = time.monotonic() + CONNECT_TIMEOUT
                         self._spawn(conn.forward(self.sandbox, conn.port, deadline))
             case c.AnswerProbe(conn_id):
-                if (conn := self.connections.get(conn_id)) is not None:
-                    conn.answer(self.probe_memory.answer(conn.port, conn.probe_path or "/"))
+                conn = self.connections.get(conn_id)
+                if conn is not None and conn.probe is not None:
+                    conn.answer(self.probe_memory.answer(conn.port, conn.probe))
             case c.Refuse(conns, reason):
                 for conn_id in conns:
                     if (conn := self.connections.get(conn_id)) is not None:
@@ -206,8 +207,8 @@ class PodDriver:
         self.connections[conn.id] = conn
         self.feed(e.ProbeOpened(self._loop.time(), conn=conn.id, port=conn.port))
 
-    def probe_answered(self, conn: ClientConnection, status: int) -> None:
-        self.probe_memory.remember(conn.port, conn.probe_path or "/", status)
+    def probe_answered(self, conn: ClientConnection, probe: Verdict, status: int) -> None:
+        self.probe_memory.remember(conn.port, probe, status)
 
     async def _close_quiet_connections(self, quiet_for: float) -> None:
         """Close client connections that are open but idle (keep-alive, pools)."""

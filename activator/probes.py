@@ -7,6 +7,9 @@ server speak first (MySQL, SMTP) never waits for a verdict. From a probe
 source, a connection is:
 
 - an HTTP probe if its request head carries `User-Agent: kube-probe/...`;
+- a gRPC probe if it is an HTTP/2 `grpc.health.v1.Health/Check` call from
+  `kube-probe/...` (see grpc_health.py; the activator must send its HTTP/2
+  SETTINGS first, as kubelet's client waits for them);
 - a TCP probe if it closes without sending anything;
 - real traffic otherwise, including when it sends nothing within the probe
   wait (a server-first client on the node).
@@ -18,6 +21,8 @@ import enum
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from activator import grpc_health
+
 # A request head longer than this is not a probe's.
 MAX_HEAD = 8192
 _METHODS = (b"GET ", b"HEAD ")
@@ -26,25 +31,43 @@ _METHODS = (b"GET ", b"HEAD ")
 class Kind(enum.Enum):
     REAL = "real"
     HTTP_PROBE = "http-probe"
+    GRPC_PROBE = "grpc-probe"
     TCP_PROBE = "tcp-probe"
 
 
 @dataclass(frozen=True)
 class Verdict:
     kind: Kind
-    path: str = ""
+    path: str = ""  # the HTTP path, or the gRPC health service
+    grpc: grpc_health.GrpcVerdict | None = None
+
+    @property
+    def key(self) -> str:
+        """What the app's answer is remembered under, per port."""
+        return f"grpc:{self.path}" if self.kind is Kind.GRPC_PROBE else self.path
 
 
 REAL = Verdict(Kind.REAL)
 
 
-def classify(head: bytes, eof: bool) -> Verdict | None:
+def speaks_http2(head: bytes) -> bool:
+    """The head is (so far) an HTTP/2 client preface."""
+    n = min(len(head), len(grpc_health.CLIENT_PREFACE))
+    return n > 0 and head[:n] == grpc_health.CLIENT_PREFACE[:n]
+
+
+def classify(head: bytes, eof: bool, preface_sent: bool = False) -> Verdict | None:
     """What the first bytes of a connection from a probe source say it is.
 
     None means "not yet known": wait for more bytes (or the probe wait).
     """
     if not head:
         return Verdict(Kind.TCP_PROBE) if eof else None
+    if speaks_http2(head):
+        grpc = grpc_health.classify_grpc(head, eof, preface_sent=preface_sent)
+        if grpc is None:
+            return None
+        return Verdict(Kind.GRPC_PROBE, grpc.service, grpc) if grpc.is_probe else REAL
     if not head.startswith(_METHODS):
         # Wait only while what came could still become "GET " or "HEAD ".
         prefix_of_method = any(m.startswith(head) for m in _METHODS)
@@ -75,16 +98,23 @@ def response_status(first_bytes: bytes) -> int | None:
 
 @dataclass
 class ProbeMemory:
-    """The status the app last gave each probe path, per port."""
+    """What the app last answered each probe, per port: an HTTP status, or a
+    gRPC serving status."""
 
     default_status: int = 200
     statuses: dict[tuple[int, str], int] = field(default_factory=dict)
 
-    def remember(self, port: int, path: str, status: int) -> None:
-        self.statuses[(port, path)] = status
+    def remember(self, port: int, probe: Verdict, status: int) -> None:
+        self.statuses[(port, probe.key)] = status
 
-    def answer(self, port: int, path: str) -> bytes:
-        status = self.statuses.get((port, path), self.default_status)
+    def answer(self, port: int, probe: Verdict) -> bytes:
+        remembered = self.statuses.get((port, probe.key))
+        if probe.grpc is not None:
+            if remembered is None:
+                healthy = self.default_status < 400
+                remembered = grpc_health.SERVING if healthy else grpc_health.NOT_SERVING
+            return grpc_health.answer_grpc(probe.grpc, remembered)
+        status = self.default_status if remembered is None else remembered
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Protocol, cast
 
-from activator import probes
+from activator import grpc_health, probes
 
 log = logging.getLogger(__name__)
 
 _conn_ids = itertools.count(1)
+# How long a client answered in the app's place may take to close.
+DRAIN_TIMEOUT = 5.0
 
 
 class SocketMaker(Protocol):
@@ -38,7 +40,9 @@ class ConnectionEvents(Protocol):
 
     def probe_opened(self, conn: ClientConnection) -> None: ...
 
-    def probe_answered(self, conn: ClientConnection, status: int) -> None: ...
+    def probe_answered(
+        self, conn: ClientConnection, probe: probes.Verdict, status: int
+    ) -> None: ...
 
     def connection_closed(self, conn: ClientConnection) -> None: ...
 
@@ -97,6 +101,7 @@ class _Upstream(_Side):
     def __init__(self, client: ClientConnection) -> None:
         super().__init__()
         self.client = client
+        self.answer_head = bytearray()  # the app's first bytes to a gRPC probe
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -105,9 +110,24 @@ class _Upstream(_Side):
         if client.first_byte_at is None:
             client.first_byte_at = client.last_activity
             client.events.first_byte(client)
-            if client.probe_path is not None and (status := probes.response_status(data)):
-                client.events.probe_answered(client, status)
+        if client.probe is not None:
+            self._learn_probe_answer(data)
         super().data_received(data)
+
+    def _learn_probe_answer(self, data: bytes) -> None:
+        """Remember what the app answered a probe (it is answered for it later)."""
+        probe = self.client.probe
+        assert probe is not None
+        if probe.grpc is None:
+            status = probes.response_status(data)
+        else:
+            self.answer_head += data
+            status = grpc_health.grpc_serving_status(bytes(self.answer_head))
+            if status is None and len(self.answer_head) < grpc_health.MAX_HEAD:
+                return
+        self.client.probe = None  # learnt (or not to be learnt): stop looking
+        if status is not None:
+            self.client.events.probe_answered(self.client, probe, status)
 
 
 @dataclass(frozen=True)
@@ -137,8 +157,10 @@ class ClientConnection(_Side):
         self.last_activity = self.accepted_at
         self.awaiting_response = False  # the client spoke last: a request is in flight
         self.first_byte_at: float | None = None
-        self.probe_path: str | None = None
+        self.probe: probes.Verdict | None = None
         self.early_data: list[bytes] = []  # read before the app was connected
+        self.http2_preface_sent = False
+        self.draining = False
         self._sniff_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,16 +178,18 @@ class ClientConnection(_Side):
         if self._sniff_timer is not None:
             self._sniff_timer.cancel()
             self._sniff_timer = None
+        assert self.transport is not None
+        if self.http2_preface_sent:
+            # The client acknowledged our SETTINGS; the app must not see that.
+            self.early_data = [grpc_health.drop_settings_ack(b"".join(self.early_data))]
         match verdict.kind:
             case probes.Kind.REAL:
                 # Hold: what the client sends stays in the kernel until forwarded.
-                assert self.transport is not None
                 self.transport.pause_reading()
                 self.events.connection_opened(self)
-            case probes.Kind.HTTP_PROBE:
-                assert self.transport is not None
+            case probes.Kind.HTTP_PROBE | probes.Kind.GRPC_PROBE:
                 self.transport.pause_reading()
-                self.probe_path = verdict.path
+                self.probe = verdict
                 self.events.probe_opened(self)
             case probes.Kind.TCP_PROBE:
                 # Connected and closed without a byte: answered by accepting.
@@ -175,7 +199,21 @@ class ClientConnection(_Side):
     def sniffing(self) -> bool:
         return self._sniff_timer is not None
 
+    def _sniff(self, eof: bool) -> None:
+        head = b"".join(self.early_data)
+        if not self.http2_preface_sent and head.startswith(grpc_health.CLIENT_PREFACE):
+            # An HTTP/2 client (kubelet's gRPC prober) waits for the server's
+            # SETTINGS before it sends its request.
+            assert self.transport is not None
+            self.transport.write(grpc_health.SERVER_PREFACE)
+            self.http2_preface_sent = True
+        verdict = probes.classify(head, eof, self.http2_preface_sent)
+        if verdict is not None or eof:
+            self._decide(verdict or probes.REAL)
+
     def data_received(self, data: bytes) -> None:
+        if self.draining:
+            return  # after answering in the app's place: read until the client closes
         self.last_activity = time.monotonic()
         self.awaiting_response = True
         if self.peer is None:
@@ -183,9 +221,7 @@ class ClientConnection(_Side):
             # even after pause_reading in connection_made): keep it.
             self.early_data.append(data)
             if self.sniffing:
-                head = b"".join(self.early_data)
-                if (verdict := probes.classify(head, eof=False)) is not None:
-                    self._decide(verdict)
+                self._sniff(eof=False)
             elif self.transport is not None:
                 self.transport.pause_reading()
             return
@@ -194,16 +230,27 @@ class ClientConnection(_Side):
     def eof_received(self) -> bool:
         if self.sniffing:
             self.eof = True
-            verdict = probes.classify(b"".join(self.early_data), eof=True)
-            self._decide(verdict or probes.REAL)
+            self._sniff(eof=True)
             return True
+        if self.draining:
+            return False  # close
         return super().eof_received()
 
     def answer(self, response: bytes) -> None:
         """Answer in the app's place (a probe while the app is not running)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(response)
+        if self.probe is not None and self.probe.grpc is not None:
+            # An HTTP/2 client still sends (acks, window updates): closing with
+            # unread bytes would reset the connection and could lose the answer.
+            self.draining = True
+            transport.write_eof()
+            transport.resume_reading()
+            asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.close)
+        else:
+            transport.close()
 
     def close_if_quiet(self, quiet_for: float, now: float) -> bool:
         """Close gracefully (FIN both ways) if nothing moved for `quiet_for`

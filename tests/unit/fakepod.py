@@ -36,6 +36,22 @@ while True:
     conn.close()
 """
 
+# A gRPC server whose health service says NOT_SERVING (a failing probe).
+GRPC_APP = """
+import sys, time
+from concurrent import futures
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+servicer = health.HealthServicer()
+health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+APPS = {"banner": BANNER_APP, "grpc": GRPC_APP}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,8 +61,8 @@ def free_port() -> int:
 
 
 def spawn_app(app: str, port: int) -> int:
-    if app == "banner":
-        argv = [sys.executable, "-c", BANNER_APP, str(port)]
+    if app in APPS:
+        argv = [sys.executable, "-c", APPS[app], str(port)]
     else:
         argv = [sys.executable, "-m", "activator.sampleapp", "--port", str(port)]
     return os.posix_spawn(sys.executable, argv, dict(os.environ), setsid=True)

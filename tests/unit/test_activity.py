@@ -171,3 +171,35 @@ def test_an_idle_keep_alive_connection_blocks_scale_down_unless_closed_when_quie
         await until(lambda: h.pod.lifecycle.phase is Phase.SCALED_DOWN, timeout=10)
 
     run(tmp_path, closed_when_quiet, scaledown_after=IDLE, close_idle_after=IDLE)
+
+
+def grpc_probe(port: int) -> int:
+    """A health check as kubelet's gRPC prober makes it; the serving status."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    # Kubelet dials a connection per probe: no subchannel shared between probes.
+    options = [
+        ("grpc.primary_user_agent", "kube-probe/1.35"),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=20)
+        status: int = answer.status
+        return status
+
+
+def test_grpc_health_probes_while_scaled_down_get_the_apps_last_answer(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        not_serving = 2
+        # While running the probe reaches the app, which is not serving.
+        assert await asyncio.to_thread(grpc_probe, h.shadow_port) == not_serving
+        await until(lambda: h.pod.lifecycle.phase is Phase.SCALED_DOWN)
+        statuses = await asyncio.gather(
+            *(asyncio.to_thread(grpc_probe, h.shadow_port) for _ in range(20))
+        )
+        assert statuses == [not_serving] * 20
+        assert "restoring" not in h.reports.events
+
+    run(tmp_path, scenario, app="grpc", scaledown_after=1.0)

@@ -60,8 +60,16 @@ def test_response_status() -> None:
 
 def test_probe_memory_answers_the_last_status_per_port_and_path() -> None:
     memory = ProbeMemory(default_status=200)
-    assert memory.answer(80, "/ready").startswith(b"HTTP/1.1 200 OK\r\n")
-    memory.remember(80, "/ready", 503)
-    assert memory.answer(80, "/ready").startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
-    assert memory.answer(81, "/ready").startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"Content-Length: 0\r\n" in memory.answer(80, "/ready")
+    ready = Verdict(Kind.HTTP_PROBE, "/ready")
+    assert memory.answer(80, ready).startswith(b"HTTP/1.1 200 OK\r\n")
+    memory.remember(80, ready, 503)
+    assert memory.answer(80, ready).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert memory.answer(81, ready).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Content-Length: 0\r\n" in memory.answer(80, ready)
+
+
+def test_http2_prefixes_wait_for_the_grpc_sniffer() -> None:
+    assert classify(b"P", eof=False) is None
+    assert classify(b"PRI * HTTP/2.0\r\n", eof=False) is None
+    assert classify(b"PRI * HTTP/2.0\r\n", eof=True) == REAL
+    assert classify(b"POST / HTTP/1.1\r\n\r\n", eof=False) == REAL
