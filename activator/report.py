@@ -32,13 +32,14 @@ class EventLog:
         log.log(_LEVELS[report.level], "pod %s: %s", pod.name, report.message)
         if self.stream is None:
             return
-        line = {
+        line: dict[str, object] = {
             "time": round(time.time(), 3),
             "pod": pod.name,
             "event": report.event,
             "phase": pod.lifecycle.phase.value,
             "message": report.message,
-            **report.details,
         }
+        # Details never overwrite the fields every line has.
+        line.update((k, v) for k, v in report.details.items() if k not in line)
         self.stream.write(json.dumps(line) + "\n")
         self.stream.flush()

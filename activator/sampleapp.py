@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import secrets
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -73,14 +74,21 @@ class Handler(BaseHTTPRequestHandler):
         pass  # quiet: the activator logs connections
 
 
+class Server(ThreadingHTTPServer):
+    # The default backlog of 5 drops SYNs when the activator forwards many
+    # held connections at once after a wake; the kernel then retries them
+    # only after a second.
+    request_queue_size = socket.SOMAXCONN
+    daemon_threads = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--hold-mib", type=int, default=0)
     args = parser.parse_args()
     Handler.state = State(args.hold_mib)
-    server = ThreadingHTTPServer(("0.0.0.0", args.port), Handler)
-    server.daemon_threads = True
+    server = Server(("0.0.0.0", args.port), Handler)
     print(f"sample app listening on :{args.port} (boot {Handler.state.boot_id})", flush=True)
     server.serve_forever()
 

@@ -9,10 +9,13 @@ are in netns.process; this module re-exports them so pod users need one import.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
+import socket
+import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -208,6 +211,10 @@ def _plug(network: PodNetwork, subnet: IPv4Network) -> None:
             if index is None:
                 raise PodError(f"veth {network.host_ifname} vanished right after its creation")
             bridge.attach(ipr, index, bridge_index)
+            # The address may have belonged to a removed pod: forget its MAC,
+            # or the host keeps sending to it until the entry goes stale.
+            with contextlib.suppress(NetlinkError):
+                ipr.neigh("del", dst=str(network.address), ifindex=bridge_index)
     finally:
         os.close(fd)
     with NetnsThread(network.netns_path) as inside:
@@ -225,6 +232,20 @@ def _configure_inside(network: PodNetwork) -> None:
         ipr.addr("add", index=eth0, address=str(network.address), prefixlen=network.prefixlen)
         ipr.link("set", index=eth0, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=str(network.gateway), oif=eth0)
+        mac = ipr.get_links(eth0)[0].get_attr("IFLA_ADDRESS")
+    _announce(POD_IFNAME, mac, network.address)
+
+
+def _announce(ifname: str, mac: str, address: IPv4Address) -> None:
+    """Send a gratuitous ARP, so that other pods that cached the previous
+    owner of a reused address learn the new MAC at once."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    ip = address.packed
+    ethernet = b"\xff" * 6 + hw + struct.pack("!H", 0x0806)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip + b"\0" * 6 + ip
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((ifname, 0))
+        sock.send(ethernet + arp)
 
 
 def destroy_pod(

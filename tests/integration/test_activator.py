@@ -9,7 +9,9 @@ same boot_id after a wake is a restore, a new one a cold start.
 The `activator` fixture stops every activator it started by pid (SIGTERM,
 then SIGKILL after a bound), then checks that nothing of its pods is left
 (namespaces, veth, lease, processes, state dir), removes whatever is, and
-fails the test if it had to.
+fails the test if it had to. Until pods announce their MAC (see the last
+tests: known bugs), the fixture drops the host's ARP entry for each new pod
+address, or a reused address stays unreachable for tens of seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from netns.bridge import DEFAULT_BRIDGE
+from netns.namespace import NetnsThread
+from netns.pod import host_ifname
 
 pytestmark = [
     pytest.mark.root,
@@ -58,9 +64,6 @@ Event = dict[str, Any]
 
 if not Path(ACTIVATOR).exists():  # pragma: no cover - a set-up problem, not a test
     pytest.skip("no .venv/bin/activator: run scripts/setup", allow_module_level=True)
-
-from netns.namespace import NetnsThread  # noqa: E402
-from netns.pod import host_ifname  # noqa: E402
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -191,8 +194,12 @@ def descendants(pid: int) -> set[int]:
 
 
 def nspid(pid: int) -> list[int]:
-    """The pid of `pid` in each pid namespace it is in, outermost first."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """The pid of `pid` in each pid namespace it is in, outermost first ([] if gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    for line in status.splitlines():
         if line.startswith("NSpid:"):
             return [int(n) for n in line.split()[1:]]
     return []
@@ -229,16 +236,6 @@ def leases_of(pod: str) -> list[Path]:
     return found
 
 
-def live_agent_sockets() -> set[Path]:
-    if not AGENTS_DIR.is_dir():
-        return set()
-    return {
-        p
-        for p in AGENTS_DIR.glob("*.sock")
-        if p.stem.isdigit() and Path(f"/proc/{p.stem}").exists()
-    }
-
-
 def nft_table_in(pod: str) -> bool:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     return (
@@ -258,10 +255,45 @@ def nft_table_in(pod: str) -> bool:
     )
 
 
+def neighbour_entry(address: str) -> str:
+    return subprocess.run(
+        ["ip", "neigh", "show", address, "dev", DEFAULT_BRIDGE], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def pod_mac(pod: str) -> str:
+    return subprocess.run(
+        ["nsenter", f"--net={NETNS_DIR / f'pa-{pod}'}", "ip", "-br", "link", "show", "eth0"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([ACTIVATOR, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT)
     if check:
         assert done.returncode == 0, f"activator {' '.join(args)}: {done.stderr}"
+    return done
+
+
+def cli_seeing_only(act: Activator, *args: str) -> subprocess.CompletedProcess[str]:
+    """`activator ARGS` with only `act`'s agent in sight.
+
+    `activator add` refuses when several activators run on the host (other
+    test runs, benchmarks), so the CLI runs in a private mount namespace where
+    the agents directory holds `act`'s socket alone (bind-mounted; connecting
+    through a bind mount reaches the same socket). The host's mounts are untouched.
+    """
+    view = act.events_path.parent / "agents"
+    view.mkdir(exist_ok=True)
+    (view / act.agent_socket.name).touch()
+    script = 'mount --bind "$1" "$2" && mount --rbind "$3" "$4" && shift 4 && exec "$@"'
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    argv += [str(act.agent_socket), str(view / act.agent_socket.name), str(view), str(AGENTS_DIR)]
+    done = subprocess.run(
+        [*argv, ACTIVATOR, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT
+    )
+    assert done.returncode == 0, f"activator {' '.join(args)}: {done.stderr}"
     return done
 
 
@@ -371,6 +403,7 @@ class Activator:
     state_dir: Path
     log_path: Path
     pods: list[str] = field(default_factory=list)  # every pod it manages, for teardown
+    addresses: set[str] = field(default_factory=set)  # every pod address seen
 
     @property
     def pid(self) -> int:
@@ -407,6 +440,7 @@ class Activator:
 
     def address(self, pod: str | None = None) -> str:
         address: str = pod_status(pod or self.name)["address"]
+        self.addresses.add(address)
         return address
 
     def pause(self, pod: str | None = None) -> int:
@@ -457,7 +491,7 @@ class Activator:
         except AssertionError as exc:
             problems.append(str(exc))
         # The pauses first: the kernel ends the rest of each pod with them.
-        for proc in sorted(tracked, key=lambda p: nspid(p.pid)[1:] != [1] if p.alive() else True):
+        for proc in sorted(tracked, key=lambda p: nspid(p.pid)[1:] != [1]):
             if proc.alive():
                 problems.append(f"process {proc.pid} survived the activator")
                 proc.kill()
@@ -489,7 +523,10 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
     started: list[Activator] = []
 
     def start(
-        *, scaledown_after: str = "1s", hold_mib: int = 0, name: str | None = None
+        *,
+        scaledown_after: str = "1s",
+        hold_mib: int = 0,
+        name: str | None = None,
     ) -> Activator:
         name = name or unique_name()
         workdir = tmp_path / name
@@ -571,6 +608,8 @@ def test_state_is_kept_across_five_scale_down_and_wake_cycles(activator: StartAc
         assert phase_changes(woke) == ["restoring", "running"], f"cycle {cycle}: {woke}"
         running = next(ev for ev in woke if ev["event"] == "running")
         assert detail(running, "restore_ms") is not None, running
+        first_byte = [ev for ev in woke if ev["event"] == "first-byte"]
+        assert len(first_byte) == 1 and detail(first_byte[0], "first_byte_ms") > 0, woke
         apps = {Proc.of(pid) for pid in act.app_pids()}
         assert len(apps) == 1, f"cycle {cycle}: {apps}"
         before = after
@@ -591,6 +630,7 @@ def test_fifty_connections_while_scaled_down_share_one_restore(
     woke = act.events()[mark:]
     assert phase_changes(woke) == ["restoring", "running"], woke
     assert [ev["event"] for ev in woke].count("restore-failed") == 0
+    assert [ev["event"] for ev in woke].count("first-byte") == 1, woke
 
 
 def test_manual_scale_down_and_wake(activator: StartActivator) -> None:
@@ -630,15 +670,17 @@ def test_fifty_connections_during_a_checkpoint_are_held_and_served(
         ["checkpointing", "scaled-down", "restoring", "running"],
     ), events
     if "scaled-down" in changes:
+        scaled = next(ev for ev in events if ev["event"] == "scaled-down")
         warnings.warn(
-            "the checkpoint finished before the 50 connections arrived: "
-            "holding during a checkpoint was not exercised",
+            "the checkpoint finished before the 50 connections arrived: holding during "
+            f"a checkpoint was not exercised (checkpoint_ms {detail(scaled, 'checkpoint_ms')})",
             stacklevel=1,
         )
     else:
         restoring = next(ev for ev in events if ev["event"] == "restoring")
         assert restoring["previous"] == "checkpointing"
         assert detail(restoring, "image_bytes") > 256 * 1048576
+        print(f"held through a checkpoint of {detail(restoring, 'checkpoint_ms')} ms")
 
 
 def test_corrupt_image_falls_back_to_a_cold_start_that_serves(activator: StartActivator) -> None:
@@ -703,10 +745,19 @@ def test_sigterm_leaves_nothing_of_the_pod(activator: StartActivator, phase: str
     assert not ns_members("pid", pid_ns), "processes left in the pod's pid namespace"
 
 
-def test_app_that_exits_is_restarted_and_serves(activator: StartActivator) -> None:
+@pytest.mark.parametrize("origin", ["cold-started", "restored"])
+def test_app_that_exits_is_restarted_and_serves(activator: StartActivator, origin: str) -> None:
     act = activator(scaledown_after="10m")
     address = act.address()
     before = get_state(address)
+    if origin == "restored":  # a restored app is our child too (rst_sibling)
+        mark = act.mark()
+        cli("scale-down", act.name)
+        act.wait_for("scaled-down", after=mark)
+        mark = act.mark()
+        cli("wake", act.name)
+        act.wait_for("running", after=mark)
+        assert get_state(address)["boot_id"] == before["boot_id"]
     (app_pid,) = act.app_pids()
     assert parent_of(app_pid) == act.pid, "the app is the activator's child"
     app = Proc.of(app_pid)
@@ -740,13 +791,11 @@ def _get_state_from_pod(pod: str, address: str) -> tuple[int, Event | None]:
 
 def test_two_pods_in_one_activator_reach_each_other(activator: StartActivator) -> None:
     act = activator()
-    others = live_agent_sockets() - {act.agent_socket}
-    if others:
-        pytest.skip(f"`activator add` needs exactly one activator; others run: {others}")
     b = unique_name("b")
     act.pods.append(b)
     mark = act.mark()
-    added = cli(
+    added = cli_seeing_only(
+        act,
         "add", "--name", b, "--port", str(APP_PORT), "--scaledown-after", "1s",
         "--", PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT),
     )  # fmt: skip
@@ -852,7 +901,9 @@ def test_bad_flags_exit_2_with_one_line_and_create_nothing(
     assert not (tmp_path / "state").exists()
 
 
-# A known bug (see the assertion message): kept last so that -x runs the rest first.
+# Known bugs (see each assertion message): kept last so that -x runs the rest first.
+
+
 def test_fifty_connections_held_for_a_wake_are_answered_within_a_second(
     activator: StartActivator,
 ) -> None:
@@ -869,3 +920,25 @@ def test_fifty_connections_held_for_a_wake_are_answered_within_a_second(
         f"{len(slow)} of {len(answers)} held connections were answered after more than 1 s "
         f"(seconds: {slow}): the app's listen backlog dropped the burst of forwarded connects"
     )
+
+
+def test_a_new_pod_on_a_reused_address_is_reachable_at_once(activator: StartActivator) -> None:
+    """Addresses are reused (the lowest free one first): the host must not keep
+    sending a new pod's traffic to the MAC of the pod that had its address before."""
+    activator(scaledown_after="10m")  # keeps the bridge, and with it the host's ARP cache
+    first = activator(scaledown_after="10m")
+    address = first.address()
+    get_state(address)  # the host now has first's MAC for the address
+    assert first.stop() == 0
+    second = activator(scaledown_after="10m")
+    if second.address() != address:
+        pytest.skip(f"another process took {address} meanwhile: address not reused")
+    try:
+        status, _ = request(address, "GET", "/state", timeout=3.0)
+    except TimeoutError:
+        pytest.fail(
+            f"the new pod at reused address {address} did not answer within 3 s: the host "
+            f"still sends to the old pod's MAC (ip neigh: {neighbour_entry(address)!r}; "
+            f"new pod: {pod_mac(second.name)!r}); it stays unreachable until that entry expires"
+        )
+    assert status == 200
