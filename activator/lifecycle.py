@@ -176,6 +176,8 @@ def _closed(m: Lifecycle, ev: Any) -> Phase:
     if ev.conn in m.open_probes:
         m.open_probes.discard(ev.conn)
         # A probe may have held back a checkpoint whose deadline has passed.
+        # (and if it closes before the deadline, the timer may have fired
+        # early meanwhile: _idle_timer arms it again).
         return _idle_timer(m, ev) if m.phase is Phase.RUNNING else m.phase
     m.open_connections.discard(ev.conn)
     m.held_connections.pop(ev.conn, None)
@@ -201,8 +203,16 @@ def _ignore(m: Lifecycle, ev: Any) -> Phase:
 
 
 def _idle_timer(m: Lifecycle, ev: Any) -> Phase:
+    if m.quiet and m.idle_deadline is not None and ev.now < m.idle_deadline:
+        # Timers may fire a little early (uvloop rounds to milliseconds): again.
+        m._emit(c.SetIdleDeadline(m.idle_deadline))
+        return m.phase
+    return _checkpoint_if_due(m, ev.now)
+
+
+def _checkpoint_if_due(m: Lifecycle, now: float) -> Phase:
     # With a probe open the deadline stays; the probe's close checkpoints.
-    if not m.quiet or m.idle_deadline is None or ev.now < m.idle_deadline:
+    if not m.quiet or m.idle_deadline is None or now < m.idle_deadline:
         return m.phase
     m.idle_deadline = None
     m._emit(c.Checkpoint())

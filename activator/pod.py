@@ -197,6 +197,7 @@ class PodDriver:
     # -- connections (called by the proxy) --------------------------------------
 
     def connection_opened(self, conn: ClientConnection) -> None:
+        log.debug("pod %s: connection %d opened on port %d", self.name, conn.id, conn.port)
         self.connections[conn.id] = conn
         was_scaled_down = self.lifecycle.phase is Phase.SCALED_DOWN
         self.feed(e.ConnectionOpened(self._loop.time(), conn=conn.id, port=conn.port))
@@ -222,6 +223,7 @@ class PodDriver:
                     )
 
     def connection_closed(self, conn: ClientConnection) -> None:
+        log.debug("pod %s: connection %d closed", self.name, conn.id)
         if self.connections.pop(conn.id, None) is not None:
             self.feed(e.ConnectionClosed(self._loop.time(), conn=conn.id))
 

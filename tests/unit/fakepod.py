@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,8 @@ class Reports:
 
     def report(self, pod: PodDriver, report: c.Report) -> None:
         self.events.append(report.event)
+        # Shown by pytest when a test fails: the story of the pod.
+        print(f"{time.monotonic():.3f} {report.event}: {report.message}")
 
 
 async def get(port: int, path: str = "/state") -> bytes:

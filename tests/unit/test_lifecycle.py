@@ -80,7 +80,8 @@ def test_open_connection_blocks_scale_down_until_it_closes() -> None:
         >> e.IdleTimerFired(IDLE)  # stale: armed before the connection came
         >> e.ConnectionClosed(30, conn=7)
         << c.SetIdleDeadline(30 + IDLE)
-        >> e.IdleTimerFired(30 + IDLE - 1)  # early: the driver's timer is not trusted
+        >> e.IdleTimerFired(30 + IDLE - 0.001)  # early (timers round): armed again
+        << c.SetIdleDeadline(30 + IDLE)
         >> e.IdleTimerFired(30 + IDLE)
         << c.Checkpoint()
     )
@@ -244,7 +245,8 @@ def answers(command: c.Command, now: float) -> list[e.Event]:
 @given(st.data())
 def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None:
     """Never checkpoint with a connection open or held; every held connection
-    ends forwarded or refused; at most one I/O operation is in flight."""
+    ends forwarded or refused; at most one I/O operation is in flight; a
+    running pod with nothing open always has its idle timer armed."""
     m = Lifecycle(Policy(scaledown_after=IDLE))
     now = 0.0
     pending: list[c.Command] = []  # I/O in flight, answered later
@@ -253,9 +255,15 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
     resolved: set[int] = set()
     closed_by_client: set[int] = set()
 
+    armed: list[float | None] = [None]  # the driver's idle timer
+
     def feed(event: e.Event) -> None:
+        if isinstance(event, e.IdleTimerFired):
+            armed[0] = None  # a timer fires once
         for command in m.handle(event):
             match command:
+                case c.SetIdleDeadline(at):
+                    armed[0] = at
                 case c.Checkpoint():
                     assert m.quiet, "checkpoint with a connection or probe open or held"
                 case c.Forward(conns) | c.Refuse(conns, _):
@@ -264,6 +272,8 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
                 assert not pending, f"{command} while {pending} in flight"
                 pending.append(command)
         held_ever.update(m.held_connections)
+        if m.phase is Phase.RUNNING and m.quiet:
+            assert armed[0] is not None, "running, nothing open, and no idle timer: stuck"
 
     feed(e.Boot(now))
     for _ in range(data.draw(st.integers(0, 60))):
@@ -322,6 +332,7 @@ def test_probes_pass_through_to_the_running_app_but_do_not_postpone_scale_down()
         >> e.ProbeOpened(IDLE - 1, conn=1, port=80)
         << c.Forward((1,))
         >> e.ConnectionClosed(IDLE - 0.9, conn=1)
+        << c.SetIdleDeadline(IDLE)  # the same deadline: a probe does not postpone it
         >> e.ProbeOpened(IDLE - 0.1, conn=2, port=80)
         << c.Forward((2,))
         # The deadline passes while a probe is open: it must not be cut...
