@@ -23,6 +23,7 @@ from typing import Any, Protocol, assert_never
 
 from activator import commands as c
 from activator import events as e
+from activator import preflight
 from activator.config import PodConfig
 from activator.criu import Criu, CriuError, Externals
 from activator.lifecycle import Lifecycle, Phase, Policy
@@ -283,6 +284,8 @@ class PodDriver:
         try:
             if pid is None:
                 raise CriuError("the app is not running")
+            if found := await asyncio.to_thread(preflight.problems, pid):
+                raise CriuError("cannot checkpoint: " + "; ".join(found))
             size = await asyncio.to_thread(self.criu.dump, pid, staging, self.sandbox.externals())
         except CriuError as exc:
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""What makes an app impossible to checkpoint, found before CRIU is asked.
+
+CRIU fails on these after it has frozen the app; asking first turns them into
+a clear reason while the app keeps running untouched:
+
+- a task of another user when we lack CAP_SYS_RESOURCE (CRIU's prlimit()
+  on it fails: "Can't get rlimit 0: Operation not permitted");
+- io_uring, which CRIU cannot dump ("Unknown shit 600 (anon_inode:[io_uring])").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int, status: Path = Path("/proc/self/status")) -> bool:
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def problems(root_pid: int) -> list[str]:
+    """Why the process tree at `root_pid` cannot be checkpointed; empty if it can."""
+    try:
+        root = psutil.Process(root_pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [f"process {root_pid} is gone"]
+    found: list[str] = []
+    if not has_capability(CAP_SYS_RESOURCE):
+        me = os.geteuid()
+        for proc in tree:
+            try:
+                uids = proc.uids()
+            except psutil.NoSuchProcess:
+                continue
+            if me not in (uids.real, uids.effective):
+                found.append(
+                    f"process {proc.pid} ({_name(proc)}) runs as uid {uids.effective}:"
+                    " CRIU can only dump it with CAP_SYS_RESOURCE, which this activator"
+                    " lacks; run the app as root or give the activator CAP_SYS_RESOURCE"
+                )
+    for proc in tree:
+        if _uses_io_uring(proc.pid):
+            found.append(
+                f"process {proc.pid} ({_name(proc)}) uses io_uring, which CRIU cannot dump;"
+                " switch it off in the app (MariaDB: innodb_use_native_aio=0;"
+                " Node.js: leave UV_USE_IO_URING unset)"
+            )
+    return found
+
+
+def _uses_io_uring(pid: int) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        entries = list(fds.iterdir())
+    except OSError:
+        return False
+    for fd in entries:
+        try:
+            if os.readlink(fd) == "anon_inode:[io_uring]":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return "?"
