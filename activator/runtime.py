@@ -8,14 +8,13 @@ import signal
 from pathlib import Path
 from typing import TextIO
 
-from netns.pod import become_subreaper
-
 from activator.agent import Agent
 from activator.config import PodConfig
 from activator.control import ControlServer
 from activator.criu import Criu, find_criu
 from activator.localpod import LocalSandbox
 from activator.report import EventLog
+from netns.pod import become_subreaper
 
 log = logging.getLogger(__name__)
 
