@@ -18,10 +18,19 @@ from pathlib import Path
 from activator.config import PodConfig
 from activator.criu import Externals
 from activator.pod import SpawnFailed
+from netns import nft
 from netns.errors import NetnsError, SpawnError
 from netns.namespace import NetnsThread
 from netns.nft import Redirector
-from netns.pod import Pause, PodNetwork, create_pod, destroy_pod, spawn_in_pod, start_pause
+from netns.pod import (
+    Fallback,
+    Pause,
+    PodNetwork,
+    create_pod,
+    destroy_pod,
+    spawn_in_pod,
+    start_pause,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +48,20 @@ class LocalSandbox:
         # checkpoints (CRIU reconnects the restored app to it).
         self.output_r, self.output_w = os.pipe()
         self._output_tail = b""
+        # Only we hold the write end: when we die the pause sees EOF and lets
+        # the app's ports through directly (fail open; see netns/pause.py).
+        self.lifeline_r, self.lifeline_w = os.pipe()
 
     async def create(self) -> None:
         self.network = await asyncio.to_thread(create_pod, self.name, owner_pid=os.getpid())
         self.address = str(self.network.address)
         self.node_address = str(self.network.gateway)
-        self.pause = await asyncio.to_thread(start_pause, str(self.network.netns_path))
+        fallback = Fallback(self.lifeline_r, self.output_r, nft.TABLE)
+        self.pause = await asyncio.to_thread(
+            start_pause, str(self.network.netns_path), fallback=fallback
+        )
+        os.close(self.lifeline_r)  # the pause holds it now
+        self.lifeline_r = -1
         self.thread = NetnsThread(self.network.netns_path, name=f"netns-{self.name}")
         self.redirector = Redirector(self.thread)
         os.set_blocking(self.output_r, False)
@@ -106,6 +123,7 @@ class LocalSandbox:
             self.pause = None
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.output_r)
-        for fd in (self.output_r, self.output_w):
-            with contextlib.suppress(OSError):
+        for fd in (self.output_r, self.output_w, self.lifeline_r, self.lifeline_w):
+            if fd >= 0:
                 os.close(fd)
+        self.output_r = self.output_w = self.lifeline_r = self.lifeline_w = -1

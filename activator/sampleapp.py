@@ -33,6 +33,7 @@ class State:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     state: State
+    verbose = False
 
     def do_GET(self) -> None:
         with self.state.lock:
@@ -58,8 +59,11 @@ class Handler(BaseHTTPRequestHandler):
         if not self.path.startswith("/values/"):
             self._send(404, "not found\n", "text/plain")
             return
+        key = self.path.removeprefix("/values/")
         with self.state.lock:
-            self.state.values[self.path.removeprefix("/values/")] = value
+            self.state.values[key] = value
+        if self.verbose:
+            print(f"stored {key}={value}", flush=True)
         self._send(204, "", "text/plain")
 
     def _send(self, status: int, body: str, content_type: str) -> None:
@@ -86,8 +90,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--hold-mib", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="print every stored value")
     args = parser.parse_args()
     Handler.state = State(args.hold_mib)
+    Handler.verbose = args.verbose
     server = Server(("0.0.0.0", args.port), Handler)
     print(f"sample app listening on :{args.port} (boot {Handler.state.boot_id})", flush=True)
     server.serve_forever()

@@ -28,6 +28,7 @@ from netns import bridge, ipam
 from netns.errors import NetnsError, PodError, PodExistsError, PodNameError
 from netns.namespace import NetnsThread
 from netns.process import (
+    Fallback,
     Pause,
     PauseError,
     SpawnError,
@@ -40,6 +41,7 @@ from netns.runlock import locked
 
 __all__ = [
     "NETNS_DIR",
+    "Fallback",
     "Pause",
     "PauseError",
     "PodError",

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +27,7 @@ from netns import _libc
 from netns.errors import PauseError, SpawnError
 
 __all__ = [
+    "Fallback",
     "Pause",
     "PauseError",
     "SpawnError",
@@ -187,8 +189,30 @@ class Pause:
         return f"<Pause pid={self.pid} unshare={self.popen.pid}>"
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """What the pause does when the activator dies (see pause.py): it sees EOF
+    on `lifeline` (whose write end only the activator holds), deletes the nft
+    `table` so the app is reached directly, and drains `output`."""
+
+    lifeline: int
+    output: int
+    table: str
+
+    def argv(self) -> list[str]:
+        return [
+            "--lifeline", str(self.lifeline),
+            "--output", str(self.output),
+            "--nft", _tool("nft"),
+            "--table", self.table,
+        ]  # fmt: skip
+
+
 def start_pause(
-    netns_path: str | os.PathLike[str], *, timeout: float = DEFAULT_START_TIMEOUT
+    netns_path: str | os.PathLike[str],
+    *,
+    timeout: float = DEFAULT_START_TIMEOUT,
+    fallback: Fallback | None = None,
 ) -> Pause:
     """Start a pause process in the network namespace at `netns_path` and a new pid namespace.
 
@@ -199,10 +223,10 @@ def start_pause(
     # stderr goes to a file, not a pipe: unshare keeps it open for the pod's
     # lifetime and nobody would read a pipe after start-up.
     with tempfile.TemporaryFile() as errors:
-        return _start_pause(path, errors, timeout)
+        return _start_pause(path, errors, timeout, fallback)
 
 
-def _start_pause(path: str, errors: BinaryIO, timeout: float) -> Pause:
+def _start_pause(path: str, errors: BinaryIO, timeout: float, fallback: Fallback | None) -> Pause:
     ready_r, ready_w = os.pipe()
     try:
         argv = [
@@ -217,6 +241,7 @@ def _start_pause(path: str, errors: BinaryIO, timeout: float) -> Pause:
             *_PYTHON,
             str(_HERE / "pause.py"),
             str(ready_w),
+            *(fallback.argv() if fallback else ()),
         ]
         try:
             popen = subprocess.Popen(
@@ -224,7 +249,7 @@ def _start_pause(path: str, errors: BinaryIO, timeout: float) -> Pause:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
-                pass_fds=(ready_w,),
+                pass_fds=(ready_w, *((fallback.lifeline, fallback.output) if fallback else ())),
                 # Its own session: a Ctrl-C meant for the activator must not
                 # kill the pods behind its back; the activator stops them.
                 start_new_session=True,

@@ -404,6 +404,8 @@ class Activator:
     log_path: Path
     pods: list[str] = field(default_factory=list)  # every pod it manages, for teardown
     addresses: set[str] = field(default_factory=set)  # every pod address seen
+    # Killed on purpose (SIGKILL): what it leaves is expected, and only removed.
+    killed: bool = False
 
     @property
     def pid(self) -> int:
@@ -511,7 +513,7 @@ class Activator:
         if self.agent_socket.exists():
             problems.append(f"agent socket {self.agent_socket} left behind")
             self.agent_socket.unlink(missing_ok=True)
-        return problems
+        return [] if self.killed else problems
 
 
 StartActivator = Callable[..., Activator]
@@ -527,6 +529,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
         scaledown_after: str = "1s",
         hold_mib: int = 0,
         name: str | None = None,
+        verbose: bool = False,
     ) -> Activator:
         name = name or unique_name()
         workdir = tmp_path / name
@@ -534,6 +537,8 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
         app = [PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT)]
         if hold_mib:
             app += ["--hold-mib", str(hold_mib)]
+        if verbose:
+            app += ["--verbose"]
         log_path = workdir / "activator.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -942,3 +947,33 @@ def test_a_new_pod_on_a_reused_address_is_reachable_at_once(activator: StartActi
             f"new pod: {pod_mac(second.name)!r}); it stays unreachable until that entry expires"
         )
     assert status == 200
+
+
+def test_killed_activator_fails_open_and_the_app_serves_directly(
+    activator: StartActivator,
+) -> None:
+    """SIGKILL the activator while the app runs: within a second the app's port
+    is reached directly (the pause deletes the redirect when the activator's
+    lifeline breaks), and the app keeps its state and keeps serving, chatty
+    output and all (the pause drains its output pipe)."""
+    act = activator(scaledown_after="10m", verbose=True)
+    address = act.address()
+    before = get_state(address)
+    act.killed = True
+    os.kill(act.pid, signal.SIGKILL)
+    act.proc.wait(10)
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            status, body = request(address, "GET", "/state", timeout=0.5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the app was not reachable within 1 s"
+            time.sleep(0.02)
+    assert status == 200
+    assert json.loads(body)["boot_id"] == before["boot_id"]
+    assert not nft_table_in(act.name)
+    # Much more output than a pipe holds: the app must not block on it.
+    for _ in range(200):
+        status, _ = request(address, "PUT", "/values/k", body=b"v" * 1000)
+        assert status == 204
