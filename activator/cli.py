@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="activator", description="Scale idle pods to zero; wake them on the next connection."
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for demo, whose timeline is its output)",
     )
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"activator: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=(args.log_level or ("warning" if args.cmd == "demo" else "info")).upper(),
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )

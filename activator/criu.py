@@ -49,7 +49,9 @@ class Externals:
 @dataclass(frozen=True)
 class CriuOptions:
     tcp_close: bool = True  # the app's own TCP connections get EOF, not a stale peer
-    file_locks: bool = False
+    # Servers that lock files (MariaDB) cannot be dumped without it; it costs
+    # nothing when the app holds no locks.
+    file_locks: bool = True
     ghost_limit: int = 1 << 20
     log_level: int = 2
     extra: Mapping[str, Any] = field(default_factory=dict)
