@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from activator import annotations as pod_annotations
 from activator.config import ConfigError, FieldError, PodConfig, parse_duration, pod_config
 from activator.control import AGENTS_DIR, ControlError, agent_sockets, ask, find_pod
 from activator.criu import CriuError
@@ -48,7 +49,8 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-probe-detection",
         dest="probe_detection",
-        action="store_false",
+        action="store_const",
+        const=False,
         help="treat every connection as real traffic (no probe answering)",
     )
     parser.add_argument(
@@ -64,6 +66,12 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
         help="how long a silent connection from a probe source is sniffed (default 100ms)",
     )
     parser.add_argument(
+        "--annotations",
+        metavar="FILE",
+        type=Path,
+        help="pod annotations (zeropod's keys and ours) in Downward API format; flags win",
+    )
+    parser.add_argument(
         "--probe-default-status",
         metavar="CODE",
         help="HTTP status for probes before the app answered one (default 200)",
@@ -72,8 +80,9 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
 
 def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any]:
     """The pod flags as given: `pod_config(**settings)` checks them (here and in
-    the agent that receives them through `activator add`)."""
-    return {
+    the agent that receives them through `activator add`). With --annotations,
+    the pod's annotations fill in what no flag gives."""
+    settings: dict[str, Any] = {
         "name": args.name or f"pod-{secrets.token_hex(3)}",
         "ports": args.port,
         "command": command,
@@ -83,6 +92,35 @@ def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any
         "probe_sources": args.probe_source,
         "probe_wait": args.probe_wait,
         "probe_default_status": args.probe_default_status,
+    }
+    if args.annotations is not None:
+        for key, value in _annotation_settings(args.annotations).items():
+            if settings[key] in (None, []):
+                settings[key] = value
+    if settings["probe_detection"] is None:
+        settings["probe_detection"] = True
+    return settings
+
+
+def _annotation_settings(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            [
+                FieldError(
+                    "--annotations", f"cannot read {path}: {exc.strerror}", "give a readable file"
+                )
+            ]
+        ) from exc
+    pod = pod_annotations.parse(pod_annotations.read_downward_api(text))
+    return {
+        "ports": [str(port) for ports in pod.ports.values() for port in ports],
+        "scaledown_after": f"{pod.scaledown_after}s",
+        "close_idle_after": None if pod.close_idle_after is None else f"{pod.close_idle_after}s",
+        "probe_detection": pod.probe_detection,
+        "probe_sources": [str(net) for net in pod.probe_sources],
+        "probe_default_status": str(pod.probe_default_status),
     }
 
 
