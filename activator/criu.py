@@ -139,6 +139,7 @@ def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[socket.socket]:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            umask=0o077,  # the images hold the app's memory, secrets too: 0600
         )
     except OSError as exc:
         ours.close()

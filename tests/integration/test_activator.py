@@ -977,3 +977,23 @@ def test_killed_activator_fails_open_and_the_app_serves_directly(
     for _ in range(200):
         status, _ = request(address, "PUT", "/values/k", body=b"v" * 1000)
         assert status == 204
+
+
+def test_images_at_rest_are_private_and_gone_after_the_wake(activator: StartActivator) -> None:
+    act = activator()
+    address = act.address()
+    get_state(address)
+    act.wait_for("scaled-down")
+    images = act.state_dir / act.name / "images"
+    assert (act.state_dir / act.name).stat().st_mode & 0o777 == 0o700
+    files = list(images.iterdir())
+    assert files, "no image files"
+    modes = {f.name: f.stat().st_mode & 0o777 for f in files}
+    assert set(modes.values()) == {0o600}, modes
+    mark = act.mark()
+    get_state(address)
+    act.wait_for("running", after=mark)
+    deadline = time.monotonic() + 10
+    while images.exists():
+        assert time.monotonic() < deadline, "images still there after the wake"
+        time.sleep(0.02)
