@@ -32,6 +32,7 @@ from activator.config import (
     ConfigError,
     FieldError,
     parse_duration,
+    parse_http_status,
     parse_network,
     parse_port,
 )
@@ -120,14 +121,7 @@ def parse(annotations: Mapping[str, str]) -> PodSettings:
     ]
     default_status = 200
     if (text := annotations.get(PROBE_DEFAULT_STATUS)) is not None:
-        if text.strip().isdigit() and 100 <= int(text) <= 599:
-            default_status = int(text)
-        else:
-            errors.append(
-                FieldError(
-                    PROBE_DEFAULT_STATUS, f"{text!r} is not an HTTP status", "give 100 to 599"
-                )
-            )
+        default_status = checked(parse_http_status(text, PROBE_DEFAULT_STATUS), default_status)
     if errors:
         raise ConfigError(errors)
     return PodSettings(

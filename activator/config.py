@@ -17,6 +17,7 @@ DEFAULT_PROBE_WAIT = 0.1
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Go's duration syntax (zeropod's annotations use it): "10s", "1m30s", "500ms".
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_DIGITS = re.compile(r"[0-9]+")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 T = TypeVar("T")
 
@@ -74,10 +75,24 @@ def parse_duration(text: str, field: str) -> float | FieldError:
     return seconds
 
 
-def parse_port(text: str, field: str) -> int | FieldError:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        return FieldError(field, f"{text!r} is not a TCP port", "give a number from 1 to 65535")
+def parse_int(text: str, low: int, high: int) -> int | None:
+    """An integer from low to high written in ASCII digits (not "¹" or "٣"), or None."""
+    text = text.strip()
+    if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
+        return None
     return int(text)
+
+
+def parse_port(text: str, field: str) -> int | FieldError:
+    if (port := parse_int(text, 1, 65535)) is None:
+        return FieldError(field, f"{text!r} is not a TCP port", "give a number from 1 to 65535")
+    return port
+
+
+def parse_http_status(text: str, field: str) -> int | FieldError:
+    if (status := parse_int(text, 100, 599)) is None:
+        return FieldError(field, f"{text!r} is not an HTTP status", "give a number from 100 to 599")
+    return status
 
 
 def parse_network(text: str, field: str) -> IPv4Network | FieldError:
@@ -143,17 +158,7 @@ def pod_config(
         wait = checked(parse_duration(probe_wait, "--probe-wait")) or 0.0
     status = 200
     if probe_default_status is not None:
-        text = probe_default_status.strip()
-        if not text.isdigit() or not 100 <= int(text) <= 599:
-            errors.append(
-                FieldError(
-                    "--probe-default-status",
-                    f"{probe_default_status!r} is not an HTTP status",
-                    "give a number from 100 to 599",
-                )
-            )
-        else:
-            status = int(text)
+        status = checked(parse_http_status(probe_default_status, "--probe-default-status")) or 200
     if errors:
         raise ConfigError(errors)
     return PodConfig(

@@ -7,11 +7,16 @@ exactly the fds we name, with the same numbers (`inherit_fd` needs that).
 
 What lies outside the dumped tree is external and must be given back at
 restore: the pod's namespaces (kept by its pause process) and the pipe the app
-writes its output to (read by the activator).
+writes its output to (read by the activator). Which pipe that was is recorded
+next to the image at dump, so that a restore can give the app the activator's
+current pipe even when the image was made under another one (a pod adopted
+after its activator was killed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +31,7 @@ from typing import Any
 import pycriu
 
 LOG_TAIL_LINES = 8
+OUTPUT_PIPES = "output-pipes.json"
 
 
 class CriuError(Exception):
@@ -42,8 +48,8 @@ class Externals:
 
     # kind ("net", "pid") -> an ns file such as /proc/PAUSE/ns/net
     namespaces: Mapping[str, Path]
-    # fds of pipes whose other end is ours (the app's stdout and stderr)
-    pipes: tuple[int, ...] = ()
+    # the write end of the pipe the restored app's stdout and stderr go to
+    output: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class Criu:
         opts.leave_running = False
         for kind, path in externals.namespaces.items():
             opts.external.append(f"{kind}[{os.stat(path).st_ino}]:pod-{kind}")
+        fd = os.open(images / OUTPUT_PIPES, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as record:
+            json.dump(output_pipes(pid), record)
         self._call("dump", opts, images, pass_fds=())
         return image_bytes(images)
 
@@ -95,9 +104,10 @@ class Criu:
                 stack.callback(os.close, fd)
                 fds.append(fd)
                 opts.inherit_fd.add(key=f"pod-{kind}", fd=fd)
-            for fd in externals.pipes:
-                fds.append(fd)
-                opts.inherit_fd.add(key=f"pipe:[{os.fstat(fd).st_ino}]", fd=fd)
+            if externals.output is not None:
+                fds.append(externals.output)
+                for key in recorded_output_pipes(images):
+                    opts.inherit_fd.add(key=key, fd=externals.output)
             response = self._call("restore", opts, images, pass_fds=tuple(fds))
             return int(response.pid)
 
@@ -151,6 +161,24 @@ def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[socket.socket]:
     finally:
         ours.close()  # criu swrk serves until its socket closes
         proc.wait()
+
+
+def output_pipes(pid: int) -> list[str]:
+    """The pipes (CRIU's keys, "pipe:[INODE]") the app's stdout and stderr are."""
+    keys = []
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("pipe:["):
+                keys.append(target)
+    return sorted(set(keys))
+
+
+def recorded_output_pipes(images: Path) -> list[str]:
+    try:
+        keys = json.loads((images / OUTPUT_PIPES).read_text())
+    except (OSError, ValueError):
+        return []
+    return [k for k in keys if isinstance(k, str) and k.startswith("pipe:[")]
 
 
 def image_bytes(images: Path) -> int:

@@ -20,6 +20,11 @@ class Boot(Event):
 
 
 @dataclass(frozen=True)
+class Adopted(Event):
+    """The pod is taken over from an activator that is gone, checkpointed."""
+
+
+@dataclass(frozen=True)
 class ConnectionOpened(Event):
     conn: int
     port: int
@@ -100,6 +105,7 @@ class StopRequested(Event):
 
 ALL_EVENTS: tuple[type[Event], ...] = (
     Boot,
+    Adopted,
     ConnectionOpened,
     ProbeOpened,
     ConnectionClosed,

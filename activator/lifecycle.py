@@ -148,6 +148,10 @@ def _boot(m: Lifecycle, ev: Any) -> Phase:
     return Phase.STARTING
 
 
+def _adopted(m: Lifecycle, ev: Any) -> Phase:
+    return Phase.SCALED_DOWN
+
+
 def _hold(m: Lifecycle, ev: Any) -> Phase:
     m.held_connections[ev.conn] = ev.port
     m._disarm_idle_timer()
@@ -344,6 +348,7 @@ _ACTIVE = (P.STARTING, P.RUNNING, P.CHECKPOINTING, P.SCALED_DOWN, P.RESTORING, P
 
 TRANSITIONS: dict[tuple[Phase, type[e.Event]], Rule] = {
     (P.CREATED, e.Boot): _rule(_boot, P.STARTING),
+    (P.CREATED, e.Adopted): _rule(_adopted, P.SCALED_DOWN),
     (P.CREATED, e.StopRequested): _rule(_stop_now, P.STOPPED),
     # Connections: forwarded while running, held while the app is on its way
     # (a connection during a checkpoint wakes the app right after it).

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from activator.config import PodConfig
@@ -26,13 +27,45 @@ from netns.pod import (
     Fallback,
     Pause,
     PodNetwork,
+    StalePod,
     create_pod,
     destroy_pod,
+    remove_stale_pod,
     spawn_in_pod,
+    stale_pod,
     start_pause,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    stale: StalePod
+    app_pid: int | None  # the app's root process, still running (failed open)
+    externals: Externals  # the old pod's namespaces, to checkpoint the app in place
+
+
+def _nspid(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def _ns_inode(pid: int, kind: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 class LocalSandbox:
@@ -51,6 +84,27 @@ class LocalSandbox:
         # Only we hold the write end: when we die the pause sees EOF and lets
         # the app's ports through directly (fail open; see netns/pause.py).
         self.lifeline_r, self.lifeline_w = os.pipe()
+
+    async def leftover(self) -> Leftover | None:
+        """What a killed activator left of this pod, if anything."""
+        stale = await asyncio.to_thread(stale_pod, self.name)
+        if stale is None:
+            return None
+        pause = [pid for pid in stale.pids if _nspid(pid)[1:] == [1]]
+        if len(pause) != 1:
+            return Leftover(stale, app_pid=None, externals=Externals({}))
+        pid_ns = os.stat(f"/proc/{pause[0]}/ns/pid").st_ino
+        members = {p for p in stale.pids if _ns_inode(p, "pid") == pid_ns} - set(pause)
+        # The app's root: its parent is outside the pod (it was the killed activator).
+        roots = [p for p in members if _parent(p) not in members]
+        if len(roots) > 1:
+            raise NetnsError(f"pod {self.name}: more than one process tree left ({roots})")
+        ns = Path(f"/proc/{pause[0]}/ns")
+        externals = Externals({"net": ns / "net", "pid": ns / "pid"})
+        return Leftover(stale, app_pid=roots[0] if roots else None, externals=externals)
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        await asyncio.to_thread(remove_stale_pod, leftover.stale)
 
     async def create(self) -> None:
         self.network = await asyncio.to_thread(create_pod, self.name, owner_pid=os.getpid())
@@ -95,7 +149,7 @@ class LocalSandbox:
     def externals(self) -> Externals:
         assert self.pause is not None
         proc = Path(f"/proc/{self.pause.pid}/ns")
-        return Externals({"net": proc / "net", "pid": proc / "pid"}, pipes=(self.output_w,))
+        return Externals({"net": proc / "net", "pid": proc / "pid"}, output=self.output_w)
 
     def _log_output(self) -> None:
         try:

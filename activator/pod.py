@@ -49,6 +49,12 @@ class Sandbox(Protocol):
     # Where kubelet's probes come from (locally: the host side of the pod's link).
     node_address: str
 
+    async def leftover(self) -> Any:
+        """What a killed activator left of this pod (see localpod.Leftover), or None."""
+        ...
+
+    async def remove_leftover(self, leftover: Any) -> None: ...
+
     async def create(self) -> None: ...
 
     async def socket(self) -> socket.socket: ...
@@ -120,6 +126,10 @@ class PodDriver:
         """
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # the images hold the app's memory
+        adopted = False
+        leftover = await self.sandbox.leftover()
+        if leftover is not None:
+            adopted = await self._adopt(leftover)
         try:
             await self.sandbox.create()
             detection = self._probe_detection()
@@ -130,9 +140,36 @@ class PodDriver:
         except BaseException:
             await self._remove_everything()
             raise
-        self.feed(e.Boot(self._loop.time()))
+        self.feed(e.Adopted(self._loop.time()) if adopted else e.Boot(self._loop.time()))
         if self.config.close_idle_after is not None:
             self._spawn(self._close_quiet_connections(self.config.close_idle_after))
+
+    async def _adopt(self, leftover: Any) -> bool:
+        """Take over what a killed activator left; True if the app is checkpointed.
+
+        An app still running there (it failed open and serves directly) is
+        checkpointed where it runs; a checkpoint that completed but was not
+        recorded is taken (CRIU writes stats-dump last). If the app cannot be
+        checkpointed, the pod is left as it is, serving, and this raises.
+        """
+        staging = self.state_dir / "images.new"
+        if leftover.app_pid is not None:
+            log.warning("pod %s: adopting the running app: checkpointing it in place", self.name)
+            if found := await asyncio.to_thread(preflight.problems, leftover.app_pid):
+                raise CriuError("cannot adopt: " + "; ".join(found))
+            shutil.rmtree(staging, ignore_errors=True)
+            await asyncio.to_thread(self.criu.dump, leftover.app_pid, staging, leftover.externals)
+        if (staging / "stats-dump").exists():
+            self._keep_image(staging)
+        await self.sandbox.remove_leftover(leftover)
+        if not self.images.exists():
+            log.warning("pod %s: left without its app or an image: starting it cold", self.name)
+        return self.images.exists()
+
+    def _keep_image(self, staging: Path) -> None:
+        """The new image replaces the old one only once it is complete."""
+        shutil.rmtree(self.images, ignore_errors=True)
+        staging.rename(self.images)
 
     def _probe_detection(self) -> ProbeDetection | None:
         if not self.config.probe_detection:
@@ -295,9 +332,7 @@ class PodDriver:
         # CRIU killed the app; reap it before anything (a restore) wants its pid.
         with contextlib.suppress(TimeoutError, KeyError):
             await asyncio.wait_for(asyncio.shield(self._exits[pid]), STOP_GRACE)
-        # The new image replaces the old one only once it is complete.
-        shutil.rmtree(self.images, ignore_errors=True)
-        staging.rename(self.images)
+        self._keep_image(staging)
         if self.app_pid == pid:
             self.app_pid = None
         self.feed(e.CheckpointDone(self._loop.time(), duration_ms=ms, image_bytes=size))

@@ -14,8 +14,10 @@ import errno
 import hashlib
 import os
 import re
+import signal
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -49,13 +51,16 @@ __all__ = [
     "PodNameError",
     "PodNetwork",
     "SpawnError",
+    "StalePod",
     "become_subreaper",
     "create_pod",
     "destroy_pod",
     "host_ifname",
     "is_subreaper",
     "netns_name",
+    "remove_stale_pod",
     "spawn_in_pod",
+    "stale_pod",
     "start_pause",
     "validate_pod_name",
 ]
@@ -321,3 +326,59 @@ def _delete_link(ifname: str) -> None:
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+@dataclass(frozen=True)
+class StalePod:
+    """A pod whose activator is gone (killed): its network and processes remain."""
+
+    name: str
+    address: IPv4Address | None
+    pids: tuple[int, ...]  # every process in its network namespace, pause included
+
+
+def stale_pod(name: str) -> StalePod | None:
+    """The pod `name` if it exists and no live activator owns it; None if it does
+    not exist. Raises PodExistsError if a live activator owns it."""
+    path = _netns_path(netns_name(name))
+    if not path.exists():
+        return None
+    lease = next((lease for lease in ipam.leases() if lease.pod == name), None)
+    if lease is not None and lease.owner_alive():
+        raise PodExistsError(
+            f"pod {name} is managed by the activator with pid {lease.pid}: stop it first"
+        )
+    inode = os.stat(path).st_ino
+    return StalePod(name, lease.address if lease else None, tuple(_netns_members(inode)))
+
+
+def _netns_members(inode: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns" / "net").st_ino == inode:
+                    members.append(int(entry.name))
+    return members
+
+
+def remove_stale_pod(stale: StalePod, *, timeout: float = 5.0) -> None:
+    """End a stale pod's processes (by pid) and remove its network. Idempotent."""
+    for pid in stale.pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    for pid in stale.pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # ours only if we are its reaper
+            time.sleep(0.01)
+    problems = _teardown(
+        stale.name,
+        netns_name(stale.name),
+        host_ifname(stale.name),
+        bridge.DEFAULT_BRIDGE,
+        stale.address,
+    )
+    if problems:
+        raise PodError(f"stale pod {stale.name}: " + "; ".join(problems))

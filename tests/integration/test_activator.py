@@ -530,10 +530,13 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
         hold_mib: int = 0,
         name: str | None = None,
         verbose: bool = False,
+        state_dir: Path | None = None,
+        adopting: bool = False,
     ) -> Activator:
         name = name or unique_name()
-        workdir = tmp_path / name
+        workdir = tmp_path / f"{name}-{len(started)}"
         workdir.mkdir()
+        state_dir = state_dir or workdir / "state"
         app = [PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT)]
         if hold_mib:
             app += ["--hold-mib", str(hold_mib)]
@@ -554,7 +557,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
                     "--events",
                     str(workdir / "events.jsonl"),
                     "--state-dir",
-                    str(workdir / "state"),
+                    str(state_dir),
                     "--",
                     *app,
                 ],
@@ -563,11 +566,11 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
-        act = Activator(
-            name, proc, workdir / "events.jsonl", workdir / "state", log_path, pods=[name]
-        )
+        act = Activator(name, proc, workdir / "events.jsonl", state_dir, log_path, pods=[name])
         started.append(act)
-        act.wait_for("running", timeout=START_TIMEOUT)
+        # An adopted pod comes up scaled down; the test waits for that itself.
+        if not adopting:
+            act.wait_for("running", timeout=START_TIMEOUT)
         return act
 
     yield start
@@ -997,3 +1000,38 @@ def test_images_at_rest_are_private_and_gone_after_the_wake(activator: StartActi
     while images.exists():
         assert time.monotonic() < deadline, "images still there after the wake"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("phase", ["scaled-down", "running"])
+def test_a_killed_activator_run_again_adopts_its_pod_with_its_state(
+    activator: StartActivator, phase: str
+) -> None:
+    """SIGKILL the activator, then start it again with the same command: it
+    takes the pod over from the state directory (a running app, which served
+    directly meanwhile, is checkpointed where it runs), and the next
+    connection wakes it with its state."""
+    first = activator(scaledown_after="1s" if phase == "scaled-down" else "10m", verbose=True)
+    address = first.address()
+    get_state(address)
+    status, _ = request(address, "PUT", "/values/k", body=b"kept")
+    assert status == 204
+    before = get_state(address)
+    if phase == "scaled-down":
+        first.wait_for("scaled-down")
+    first.killed = True
+    os.kill(first.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    second = activator(name=first.name, state_dir=first.state_dir, adopting=True, verbose=True)
+    _, adopted = second.wait_for("scaled-down", timeout=START_TIMEOUT)
+    assert adopted.get("previous") == "created"
+    after = get_state(second.address())
+    assert after["boot_id"] == before["boot_id"]
+    assert after["values"] == {"k": "kept"}
+    assert second.address() == address
+    # The restored app's output reaches the new activator (its own pipe now).
+    status, _ = request(address, "PUT", "/values/k2", body=b"after-adoption")
+    assert status == 204
+    deadline = time.monotonic() + 10
+    while "stored k2=after-adoption" not in second.log_tail(200):
+        assert time.monotonic() < deadline, second.log_tail()
+        time.sleep(0.05)

@@ -78,6 +78,12 @@ class FakeSandbox:
         self.destroyed = False
         self.spawn_error: str | None = None
 
+    async def leftover(self) -> None:
+        return None
+
+    async def remove_leftover(self, leftover: object) -> None:
+        raise AssertionError("no leftover to remove")
+
     async def create(self) -> None:
         pass
 

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from activator.config import ConfigError, FieldError, parse_duration, pod_config
+from activator.config import (
+    ConfigError,
+    FieldError,
+    parse_duration,
+    parse_http_status,
+    parse_port,
+    pod_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,3 +48,11 @@ def test_a_good_config() -> None:
 def test_duration_parser_only_returns_seconds_or_a_field_error(text: str) -> None:
     result = parse_duration(text, "--scaledown-after")
     assert isinstance(result, FieldError) or (isinstance(result, float) and result >= 0)
+
+
+@given(st.text(max_size=12))
+def test_port_and_status_parsers_only_return_numbers_in_range_or_field_errors(text: str) -> None:
+    port = parse_port(text, "--port")
+    assert isinstance(port, FieldError) or 1 <= port <= 65535
+    status = parse_http_status(text, "--probe-default-status")
+    assert isinstance(status, FieldError) or 100 <= status <= 599
