@@ -1035,3 +1035,37 @@ def test_a_killed_activator_run_again_adopts_its_pod_with_its_state(
     while "stored k2=after-adoption" not in second.log_tail(200):
         assert time.monotonic() < deadline, second.log_tail()
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("during", ["checkpointing", "restoring"])
+def test_killed_mid_checkpoint_or_restore_the_app_is_never_lost(
+    activator: StartActivator, during: str
+) -> None:
+    """SIGKILL the activator while CRIU works: whatever CRIU then does, the app
+    is afterwards running or completely checkpointed, and the next activator
+    brings it back with its state."""
+    first = activator(hold_mib=256)  # a slow dump and restore: time to be killed in
+    address = first.address()
+    status, _ = request(address, "PUT", "/values/k", body=b"kept")
+    assert status == 204
+    before = get_state(address)
+    if during == "restoring":
+        first.wait_for("scaled-down")
+        mark = first.mark()
+        with ThreadPoolExecutor(1) as pool:
+            waking = pool.submit(request, address, "GET", "/state", None, 5.0)
+            first.wait_for("restoring", after=mark)
+            first.killed = True
+            os.kill(first.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                waking.result()  # served or cut: the client's business
+    else:
+        first.wait_for("checkpointing")
+        first.killed = True
+        os.kill(first.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    second = activator(name=first.name, state_dir=first.state_dir, adopting=True, hold_mib=256)
+    second.wait_for("scaled-down", timeout=START_TIMEOUT)
+    after = get_state(second.address())
+    assert after["boot_id"] == before["boot_id"]
+    assert after["values"] == {"k": "kept"}
