@@ -1069,3 +1069,52 @@ def test_killed_mid_checkpoint_or_restore_the_app_is_never_lost(
     after = get_state(second.address())
     assert after["boot_id"] == before["boot_id"]
     assert after["values"] == {"k": "kept"}
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: too small for an image of the sample app (about 10 MiB)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_image_disk_keeps_the_app_running_and_the_pod_recovers(
+    activator: StartActivator, small_tmpfs: Path
+) -> None:
+    act = activator(state_dir=small_tmpfs / "state")
+    address = act.address()
+    before = get_state(address)
+    _, failed = act.wait_for("checkpoint-failed")
+    assert "criu" in failed["message"].lower()
+    assert get_state(address)["boot_id"] == before["boot_id"]  # still the same app, running
+    # Room again: the next idle period checkpoints, and the wake brings the state back.
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_tmpfs)], check=True)
+    mark = act.mark()
+    act.wait_for("scaled-down", after=mark)
+    assert get_state(address)["boot_id"] == before["boot_id"]
+
+
+def test_a_missing_image_starts_the_app_cold_and_the_pod_recovers(
+    activator: StartActivator,
+) -> None:
+    act = activator()
+    address = act.address()
+    before = get_state(address)
+    act.wait_for("scaled-down")
+    shutil.rmtree(act.state_dir / act.name / "images")
+    mark = act.mark()
+    cold = get_state(address)
+    assert cold["boot_id"] != before["boot_id"]
+    _, failed = act.wait_for("restore-failed", after=mark)
+    assert failed["message"]
+    # And then the usual: scale down, wake with the (new) state.
+    mark = act.mark()
+    act.wait_for("scaled-down", after=mark)
+    assert get_state(address)["boot_id"] == cold["boot_id"]
