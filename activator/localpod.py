@@ -19,7 +19,7 @@ from pathlib import Path
 from activator.config import PodConfig
 from activator.criu import Externals
 from activator.pod import SpawnFailed
-from netns import nft
+from netns import nft, proc
 from netns.errors import NetnsError, SpawnError
 from netns.namespace import NetnsThread
 from netns.nft import Redirector
@@ -46,28 +46,6 @@ class Leftover:
     externals: Externals  # the old pod's namespaces, to checkpoint the app in place
 
 
-def _nspid(pid: int) -> list[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(x) for x in line.split()[1:]]
-    return []
-
-
-def _ns_inode(pid: int, kind: str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
-    except OSError:
-        return None
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
-
-
 class LocalSandbox:
     def __init__(self, config: PodConfig) -> None:
         self.name = config.name
@@ -90,13 +68,13 @@ class LocalSandbox:
         stale = await asyncio.to_thread(stale_pod, self.name)
         if stale is None:
             return None
-        pause = [pid for pid in stale.pids if _nspid(pid)[1:] == [1]]
+        pause = [pid for pid in stale.pids if proc.nspid(pid)[1:] == [1]]
         if len(pause) != 1:
             return Leftover(stale, app_pid=None, externals=Externals({}))
         pid_ns = os.stat(f"/proc/{pause[0]}/ns/pid").st_ino
-        members = {p for p in stale.pids if _ns_inode(p, "pid") == pid_ns} - set(pause)
+        members = {p for p in stale.pids if proc.ns_inode_of(p, "pid") == pid_ns} - set(pause)
         # The app's root: its parent is outside the pod (it was the killed activator).
-        roots = [p for p in members if _parent(p) not in members]
+        roots = [p for p in members if proc.parent_of(p) not in members]
         if len(roots) > 1:
             raise NetnsError(f"pod {self.name}: more than one process tree left ({roots})")
         ns = Path(f"/proc/{pause[0]}/ns")

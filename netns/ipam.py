@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from netns import proc
 from netns.errors import IpamError
 from netns.runlock import RUN_DIR, locked
 
@@ -44,22 +45,11 @@ class Lease:
     boot_id: str
 
     def owner_alive(self) -> bool:
-        return self.boot_id == _boot_id() and _start_time(self.pid) == self.start_time
+        return self.boot_id == _boot_id() and proc.start_time_of(self.pid) == self.start_time
 
 
 def _boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def _start_time(pid: int) -> int | None:
-    """A process's start time, which with the pid identifies it across pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # field 22 overall, counting from "state" as field 3
 
 
 def _lease_path(root: Path, address: IPv4Address) -> Path:
@@ -134,7 +124,7 @@ def allocate(
     activator's pod may still answer on its address.
     """
     pid = os.getpid() if owner_pid is None else owner_pid
-    start = _start_time(pid)
+    start = proc.start_time_of(pid)
     if start is None:
         raise IpamError(f"owner pid {pid} does not exist; pass a live owner_pid")
     owner = {"pod": pod, "pid": pid, "start_time": start, "boot_id": _boot_id()}

@@ -26,7 +26,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netns import bridge, ipam
+from netns import bridge, ipam, proc
 from netns.errors import NetnsError, PodError, PodExistsError, PodNameError
 from netns.namespace import NetnsThread
 from netns.process import (
@@ -349,17 +349,7 @@ def stale_pod(name: str) -> StalePod | None:
             f"pod {name} is managed by the activator with pid {lease.pid}: stop it first"
         )
     inode = os.stat(path).st_ino
-    return StalePod(name, lease.address if lease else None, tuple(_netns_members(inode)))
-
-
-def _netns_members(inode: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(entry / "ns" / "net").st_ino == inode:
-                    members.append(int(entry.name))
-    return members
+    return StalePod(name, lease.address if lease else None, tuple(proc.members_of("net", inode)))
 
 
 def remove_stale_pod(stale: StalePod, *, timeout: float = 5.0) -> None:

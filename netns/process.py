@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from netns import _libc
+from netns import _libc, proc
 from netns.errors import PauseError, SpawnError
 
 __all__ = [
@@ -60,31 +60,6 @@ def become_subreaper() -> None:
 
 def is_subreaper() -> bool:
     return _libc.is_child_subreaper()
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(FileNotFoundError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                found.extend(int(c) for c in (task / "children").read_text().split())
-    return found
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
-
-
-def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    return stat[stat.rindex(")") + 2]
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:
@@ -129,13 +104,13 @@ class Pause:
     def _dead_children_of_ours(self) -> list[int]:
         """Our children in the pod's pid namespace that have died but are not reaped."""
         found = []
-        for child in _children(os.getpid()):
+        for child in proc.children_of(os.getpid()):
             try:
                 if os.stat(f"/proc/{child}/ns/pid").st_ino != self.pid_ns_inode:
                     continue
             except OSError:
                 continue
-            if _state(child) == "Z":
+            if proc.state_of(child) == "Z":
                 found.append(child)
         return found
 
@@ -283,7 +258,7 @@ def _find_pause(popen: subprocess.Popen[bytes], deadline: float) -> Pause:
     # exists; and unshare waits for it, so its pid cannot be recycled before
     # we hold a pidfd. The parent check after opening makes that certain.
     while True:
-        kids = _children(popen.pid)
+        kids = proc.children_of(popen.pid)
         if len(kids) == 1:
             pid = kids[0]
             try:
@@ -291,7 +266,7 @@ def _find_pause(popen: subprocess.Popen[bytes], deadline: float) -> Pause:
             except ProcessLookupError:
                 pidfd = -1
             if pidfd >= 0:
-                if _parent(pid) == popen.pid:
+                if proc.parent_of(pid) == popen.pid:
                     try:
                         return Pause(popen, pid, pidfd)
                     except OSError:
