@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 from typing import TextIO
 
+from activator import kdat
 from activator.agent import Agent
 from activator.config import PodConfig
 from activator.control import ControlServer
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 def local_agent(state_root: Path, events: TextIO | None) -> Agent:
     # Restored apps and the apps we start become our children (see netns.pod).
     become_subreaper()
-    return Agent(state_root, Criu(find_criu()), EventLog(events), LocalSandbox)
+    criu = find_criu()
+    kdat.ensure_cache(criu)  # start-up work off the wake path
+    return Agent(state_root, Criu(criu), EventLog(events), LocalSandbox)
 
 
 async def serve(configs: list[PodConfig], state_root: Path, events: TextIO | None) -> int:

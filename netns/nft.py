@@ -136,17 +136,14 @@ class Redirector:
 
     def __init__(self, thread: NetnsThread) -> None:
         self._thread = thread
-        self._nft: Any = thread.call(self._new_context)
-
-    @staticmethod
-    def _new_context() -> Any:
-        nft = nftables.Nftables()
-        nft.set_json_output(True)
-        return nft
 
     def _run(self, what: str, command: _Json) -> Any:
         def run() -> Any:
-            rc, output, error = self._nft.json_cmd(command)
+            # A context per command, made in the pod's namespace: commands are
+            # rare, and a context kept per pod costs memory (density).
+            nft = nftables.Nftables()
+            nft.set_json_output(True)
+            rc, output, error = nft.json_cmd(command)
             if rc != 0:
                 raise NftError(f"nft could not {what} in {self._thread.path}: {str(error).strip()}")
             return output
