@@ -23,6 +23,7 @@ from typing import Any
 
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWPID = 0x20000000
+_CLONE_NEWIPC = 0x08000000
 
 
 def _setns(fd: int, nstype: int) -> None:
@@ -42,6 +43,13 @@ def _enter(pause_pid: int) -> None:
     finally:
         os.close(net)
         os.close(pid)
+    # The app's own IPC namespace, as a Kubernetes pod has one: SysV shared
+    # memory (PostgreSQL's) can only be dumped from a namespace of its own;
+    # CRIU saves and restores it with the app.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWIPC) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class _StepFailed(Exception):

@@ -1118,3 +1118,51 @@ def test_a_missing_image_starts_the_app_cold_and_the_pod_recovers(
     mark = act.mark()
     act.wait_for("scaled-down", after=mark)
     assert get_state(address)["boot_id"] == cold["boot_id"]
+
+
+SHM_APP = """
+import ctypes, secrets, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+segment = libc.shmget(0, 4096, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+assert segment >= 0, ctypes.get_errno()
+memory = libc.shmat(segment, None, 0)
+token = secrets.token_hex(8).encode()
+ctypes.memmove(memory, token, len(token))
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=64)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(ctypes.string_at(memory, 16) + b"\\n")
+    conn.close()
+"""
+
+
+def test_sysv_shared_memory_survives_in_the_apps_own_ipc_namespace(tmp_path: Path) -> None:
+    """PostgreSQL-style SysV shared memory: the app gets an IPC namespace of its
+    own (as in a Kubernetes pod), which CRIU saves and restores with it."""
+    name = unique_name("shm")
+    events = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [
+            ACTIVATOR, "run", "--name", name, "--port", str(APP_PORT),
+            "--scaledown-after", "1s", "--no-probe-detection", "--events", str(events),
+            "--state-dir", str(tmp_path / "state"), "--", PYTHON, "-c", SHM_APP, str(APP_PORT),
+        ],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    act = Activator(name, proc, events, tmp_path / "state", tmp_path / "log", pods=[name])
+    try:
+        act.wait_for("running", timeout=START_TIMEOUT)
+        address = act.address()
+
+        def token() -> bytes:
+            with socket.create_connection((address, APP_PORT), timeout=HTTP_TIMEOUT) as sock:
+                return sock.makefile("rb").readline()
+
+        first = token()
+        for _ in range(2):
+            mark = act.mark()
+            act.wait_for("scaled-down", after=mark)
+            assert token() == first
+    finally:
+        assert not act.teardown()
