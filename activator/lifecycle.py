@@ -46,6 +46,8 @@ class Policy:
     # loop: stop restarting and mark the pod failed.
     max_restarts: int = 5
     restart_window: float = 60.0
+    # After a failed checkpoint the next try waits twice as long, up to this.
+    max_checkpoint_backoff: float = 3600.0
 
 
 class LifecycleError(Exception):
@@ -66,6 +68,7 @@ class Lifecycle:
         self.idle_deadline: float | None = None
         self.wake_requested = False
         self.recent_exits: list[float] = []
+        self.checkpoint_failures = 0  # in a row
         self.last_checkpoint_ms: float | None = None
         self.last_restore_ms: float | None = None
         self.image_bytes: int | None = None
@@ -110,9 +113,15 @@ class Lifecycle:
     def _report(self, event: str, level: c.Level, message: str, **details: object) -> None:
         self._emit(c.Report(event, level, message, details))
 
+    @property
+    def idle_delay(self) -> float:
+        """The scale-down duration, doubled for each checkpoint that failed in a row."""
+        delay: float = self.policy.scaledown_after * 2.0**self.checkpoint_failures
+        return max(self.policy.scaledown_after, min(delay, self.policy.max_checkpoint_backoff))
+
     def _arm_idle_timer_if_idle(self, now: float) -> None:
         if self.idle:
-            self.idle_deadline = now + self.policy.scaledown_after
+            self.idle_deadline = now + self.idle_delay
             self._emit(c.SetIdleDeadline(self.idle_deadline))
 
     def _disarm_idle_timer(self) -> None:
@@ -239,6 +248,7 @@ def _nothing_to_do(m: Lifecycle, ev: Any) -> Phase:
 
 
 def _app_started(m: Lifecycle, ev: Any) -> Phase:
+    m.checkpoint_failures = 0  # a new app: it may well be checkpointable
     m._forward_held()
     m._arm_idle_timer_if_idle(ev.now)
     return Phase.RUNNING
@@ -272,6 +282,7 @@ def _app_exited(m: Lifecycle, ev: Any) -> Phase:
 
 
 def _checkpoint_done(m: Lifecycle, ev: Any) -> Phase:
+    m.checkpoint_failures = 0
     m.last_checkpoint_ms = ev.duration_ms
     m.image_bytes = ev.image_bytes
     m._phase_details.update(checkpoint_ms=round(ev.duration_ms, 1), image_bytes=ev.image_bytes)
@@ -284,7 +295,13 @@ def _checkpoint_done(m: Lifecycle, ev: Any) -> Phase:
 
 def _checkpoint_failed(m: Lifecycle, ev: Any) -> Phase:
     m.wake_requested = False
-    m._report("checkpoint-failed", "error", f"checkpoint failed, app kept running: {ev.reason}")
+    m.checkpoint_failures += 1
+    m._report(
+        "checkpoint-failed",
+        "error",
+        f"checkpoint failed, app kept running (next try after {m.idle_delay:g}s idle): {ev.reason}",
+        failures=m.checkpoint_failures,
+    )
     m._forward_held()
     m._arm_idle_timer_if_idle(ev.now)
     return Phase.RUNNING

@@ -35,17 +35,21 @@ def problems(root_pid: int) -> list[str]:
     found: list[str] = []
     if not has_capability(CAP_SYS_RESOURCE):
         me = os.geteuid()
+        foreign: dict[int, list[psutil.Process]] = {}
         for proc in tree:
             try:
                 uids = proc.uids()
             except psutil.NoSuchProcess:
                 continue
             if me not in (uids.real, uids.effective):
-                found.append(
-                    f"process {proc.pid} ({_name(proc)}) runs as uid {uids.effective}:"
-                    " CRIU can only dump it with CAP_SYS_RESOURCE, which this activator"
-                    " lacks; run the app as root or give the activator CAP_SYS_RESOURCE"
-                )
+                foreign.setdefault(uids.effective, []).append(proc)
+        for uid, procs in foreign.items():
+            names = sorted({_name(p) for p in procs})
+            found.append(
+                f"{len(procs)} process(es) ({', '.join(names)}; pid {procs[0].pid} first) run as"
+                f" uid {uid}: CRIU can only dump them with CAP_SYS_RESOURCE, which this"
+                " activator lacks; run the app as root or give the activator CAP_SYS_RESOURCE"
+            )
     for proc in tree:
         if _uses_io_uring(proc.pid):
             found.append(

@@ -354,3 +354,32 @@ def test_probe_during_checkpoint_or_restore_is_answered_in_the_apps_place() -> N
         >> e.CheckpointDone(IDLE + 0.1, duration_ms=90.0, image_bytes=1)
     )
     assert m.phase is Phase.SCALED_DOWN
+
+
+def test_failed_checkpoints_back_off_until_one_succeeds() -> None:
+    m = running()
+    assert (
+        Playbook(m)
+        >> e.IdleTimerFired(IDLE)
+        << c.Checkpoint()
+        >> e.CheckpointFailed(IDLE + 0.1, "io_uring")
+        << c.SetIdleDeadline(IDLE + 0.1 + 2 * IDLE)
+        >> e.IdleTimerFired(IDLE + 0.1 + 2 * IDLE)
+        << c.Checkpoint()
+        >> e.CheckpointFailed(40, "io_uring")
+        << c.SetIdleDeadline(40 + 4 * IDLE)
+        >> e.ConnectionOpened(41, conn=1, port=80)
+        << c.SetIdleDeadline(None)
+        << c.Forward((1,))
+        >> e.ConnectionClosed(42, conn=1)
+        << c.SetIdleDeadline(42 + 4 * IDLE)  # still backed off
+        >> e.IdleTimerFired(42 + 4 * IDLE)
+        << c.Checkpoint()
+        >> e.CheckpointDone(83, duration_ms=80.0, image_bytes=1)
+        >> e.ConnectionOpened(90, conn=2, port=80)
+        << c.Restore()
+        >> e.RestoreDone(90.1, duration_ms=40.0)
+        << c.Forward((2,))
+        >> e.ConnectionClosed(91, conn=2)
+        << c.SetIdleDeadline(91 + IDLE)  # back to normal
+    )

@@ -40,7 +40,7 @@ def test_a_task_of_another_user_is_reported_without_cap_sys_resource() -> None:
     proc = subprocess.Popen(["sleep", "60"], user=65534, group=65534, cwd="/")
     try:
         (problem,) = preflight.problems(proc.pid)
-        assert "runs as uid 65534" in problem
+        assert "1 process(es) (sleep; pid" in problem and "run as uid 65534" in problem
         assert "CAP_SYS_RESOURCE" in problem
     finally:
         proc.kill()
