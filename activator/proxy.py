@@ -255,7 +255,10 @@ class ClientConnection(_Side):
     def close_if_quiet(self, quiet_for: float, now: float) -> bool:
         """Close gracefully (FIN both ways) if nothing moved for `quiet_for`
         seconds and no request is waiting for its answer."""
-        if self.awaiting_response or now - self.last_activity < quiet_for or self.peer is None:
+        in_flight = self.awaiting_response or (
+            self.transport is not None and self.transport.get_write_buffer_size() > 0
+        )
+        if in_flight or now - self.last_activity < quiet_for or self.peer is None:
             return False
         self.close()
         return True

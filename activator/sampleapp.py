@@ -2,6 +2,7 @@
 
     GET /            "hello from the sample app: hit N"
     GET /state       {"hits": N, "boot_id": "...", "values": {...}, "pid": P}
+    GET /slow/MS     answers after MS milliseconds (a request in flight)
     PUT /values/KEY  stores the request body under KEY
 
 `boot_id` is drawn at start: the same value after a wake proves the memory came
@@ -17,6 +18,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -36,6 +38,10 @@ class Handler(BaseHTTPRequestHandler):
     verbose = False
 
     def do_GET(self) -> None:
+        if self.path.startswith("/slow/") and self.path[6:].isdecimal():
+            time.sleep(int(self.path[6:]) / 1000)
+            self._send(200, "slow answer\n", "text/plain")
+            return
         with self.state.lock:
             self.state.hits += 1
             if self.path == "/state":

@@ -206,3 +206,19 @@ def test_grpc_health_probes_while_scaled_down_get_the_apps_last_answer(tmp_path:
         assert "restoring" not in h.reports.events
 
     run(tmp_path, scenario, app="grpc", scaledown_after=1.0)
+
+
+def test_closing_quiet_connections_never_cuts_a_request_in_flight(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.shadow_port)
+        # The app takes four times the quiet time to answer: the request is in flight.
+        writer.write(b"GET /slow/1200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        assert await reader.readexactly(length) == b"slow answer\n"
+        # Once answered and quiet, it is closed (FIN).
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+    run(tmp_path, scenario, scaledown_after=IDLE, close_idle_after=IDLE)
