@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from netns.bridge import DEFAULT_BRIDGE
@@ -1166,3 +1168,58 @@ def test_sysv_shared_memory_survives_in_the_apps_own_ipc_namespace(tmp_path: Pat
             assert token() == first
     finally:
         assert not act.teardown()
+
+
+# The long run (10,000 connections over 200 cycles) with ACTIVATOR_LONG_TESTS=1.
+LONG = os.environ.get("ACTIVATOR_LONG_TESTS") == "1"
+
+
+def test_connections_racing_the_idle_deadline_checkpoint_and_restore_are_all_served(
+    activator: StartActivator,
+) -> None:
+    """Bursts of connections at random moments around the idle deadline, so that
+    they land before it, during the checkpoint, while scaled down and during
+    the restore: none is refused or reset, every answer comes from the same app
+    (its memory survives every cycle), and the pod keeps cycling."""
+    cycles, connections = (200, 10_000) if LONG else (12, 300)
+    rng = random.Random(0x5EED)
+    act = activator(scaledown_after="300ms")
+    address = act.address()
+    boot_id = get_state(address)["boot_id"]
+    per_cycle = connections // cycles
+    served = 0
+    for _ in range(cycles):
+        # The deadline is 300 ms after the last close; the dump takes ~80 ms.
+        time.sleep(rng.uniform(0.15, 0.6))
+        answers = concurrent_get_state(address, per_cycle)
+        bad = [a for a in answers if a.status != 200 or a.body is None]
+        assert not bad, f"{len(bad)} of {len(answers)} got no correct answer: {bad[:3]}"
+        assert {a.body["boot_id"] for a in answers if a.body} == {boot_id}
+        served += len(answers)
+    assert served == per_cycle * cycles
+    phases = phase_changes(act.events())
+    assert phases.count("restoring") >= cycles // 4, phases  # it really cycled
+
+
+def test_soak_state_kept_and_no_growth_in_activator_memory_or_fds(
+    activator: StartActivator,
+) -> None:
+    """Many scale-down/wake cycles of the stateful app: its state is checked
+    each time, and the activator's memory and open fds do not grow."""
+    cycles, warm_up = (1000, 50) if LONG else (40, 10)
+    act = activator(scaledown_after="200ms")
+    address = act.address()
+    boot_id = get_state(address)["boot_id"]
+    me = psutil.Process(act.pid)
+    baseline: tuple[int, int] | None = None
+    for cycle in range(1, cycles + 1):
+        mark = act.mark()
+        act.wait_for("scaled-down", after=mark)
+        state = get_state(address)
+        assert state["boot_id"] == boot_id, f"cycle {cycle}: the app's memory is gone"
+        if cycle == warm_up:
+            baseline = (me.memory_info().rss, me.num_fds())
+    assert baseline is not None
+    rss, fds = me.memory_info().rss, me.num_fds()
+    assert fds <= baseline[1] + 2, f"open fds grew from {baseline[1]} to {fds}"
+    assert rss <= baseline[0] + 8 * 2**20, f"RSS grew from {baseline[0]} to {rss}"
