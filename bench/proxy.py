@@ -1,0 +1,313 @@
+"""Proxy overhead while running: the activator's relay against straight to the app.
+
+nginx (Debian's, run as root, one worker) is the app of a pod managed by
+`activator run`; it listens on two ports. Port 8080 is the pod's declared
+port, redirected by the activator's nft rule to its shadow port and relayed
+to nginx over the pod's loopback; port 8081 is not declared, so a client
+reaches nginx there directly. The client sits in another pod (netns on the
+same bridge), so both paths cross the same veths.
+
+- small responses: wrk (Debian's) against GET / (a 17-byte body) through
+  each path, alternating, in three shapes: keep-alive with 1 connection
+  (latency: p50/p99), keep-alive with 32 connections (throughput: requests/s),
+  and a new connection per request (`Connection: close`: accept + the
+  activator's connect to the app on each request);
+- large transfers: GET of a 100 MiB file (nginx sendfile) by a blocking
+  Python client reading into a 4 MiB buffer, time from connect to last byte.
+
+The activator's CPU time (user+sys, from /proc) is read around each run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Bench,
+    BenchError,
+    ClientNetns,
+    PodSpec,
+    Series,
+    base_parser,
+    fmt,
+    http_get,
+    log,
+    paired,
+    print_table,
+    summarize,
+)
+
+PROXIED, DIRECT = 8080, 8081
+BIG_MIB = 100
+
+NGINX_CONF = """\
+user root;
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000000;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    default_type application/octet-stream;
+    server {{
+        listen {proxied} reuseport backlog=4096;
+        listen {direct} reuseport backlog=4096;
+        root {dir}/www;
+        location = / {{
+            default_type text/plain;
+            return 200 "hello from nginx\\n";
+        }}
+    }}
+}}
+"""
+
+WRK_SCRIPT = """\
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK {"requests": %d, "duration_us": %d, "bytes": %d, "errors": %d, "status_errors": %d, '
+    .. '"p50": %d, "p90": %d, "p99": %d, "mean": %.2f, "max": %d}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+end
+"""
+
+# name, connections, new connection per request
+SCENARIOS = (
+    ("keepalive-1", 1, False),
+    ("keepalive-32", 32, False),
+    ("close-1", 1, True),
+)
+
+
+def wrk(
+    client: ClientNetns, url: str, connections: int, close: bool, seconds: float, script: Path
+) -> dict[str, Any]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+    argv += ["-s", str(script)]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run(
+        client.command([*argv, url]), capture_output=True, text=True, timeout=seconds + 60
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("WRK "):
+            result: dict[str, Any] = json.loads(line[4:])
+            result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+            if result["errors"] or result["status_errors"]:
+                log(f"wrk {url}: {result['errors']} errors, {result['status_errors']} bad status")
+            return result
+    raise BenchError(f"wrk gave no result ({out.returncode}): {out.stderr.strip()[-300:]}")
+
+
+def download(client: ClientNetns, host: str, port: int, path: str) -> tuple[int, float]:
+    """GET `path`; return (body bytes, seconds from connect to the last byte)."""
+    sock = client.socket()
+    sock.settimeout(120)
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    t0 = time.monotonic()
+    try:
+        sock.connect((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            n = sock.recv_into(view)
+            if not n:
+                raise BenchError(f"{host}:{port}{path}: closed before the headers")
+            head += bytes(view[:n])
+        header, _, body_start = head.partition(b"\r\n\r\n")
+        length = -1
+        for line in header.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if not header.startswith(b"HTTP/1.1 200") or length < 0:
+            raise BenchError(f"{host}:{port}{path}: {header.splitlines()[0]!r}")
+        got = len(body_start)
+        while got < length:
+            n = sock.recv_into(view)
+            if not n:
+                raise BenchError(f"{host}:{port}{path}: closed after {got} of {length} bytes")
+            got += n
+        return got, time.monotonic() - t0
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=None, help="runs per scenario and path")
+    parser.add_argument("--seconds", type=float, default=None, help="length of one wrk run")
+    args = parser.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 5)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    transfer_reps = 3 if args.quick else 10
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists() or not shutil.which("wrk"):
+        raise BenchError("needs nginx and wrk from Debian: apt-get install nginx-light wrk")
+
+    with Bench("proxy", args) as b:
+        client = b.client_netns()
+        site = b.workdir / "nginx"
+        for sub in ("www", "tmp"):
+            (site / sub).mkdir(parents=True)
+        chunk = os.urandom(1 << 20)
+        with (site / "www" / "big.bin").open("wb") as f:
+            for _ in range(BIG_MIB):
+                f.write(chunk)
+        conf = site / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=site, proxied=PROXIED, direct=DIRECT))
+        script = b.workdir / "report.lua"
+        script.write_text(WRK_SCRIPT)
+        spec = PodSpec(b.pod_name("px"), (nginx, "-e", "stderr", "-c", str(conf)), (PROXIED,))
+        act = b.activator(spec)
+        address = act.pod(spec.name)["address"]
+        client.fill()
+        http_get(client, address, DIRECT, "/", poll=True, timeout=30)
+        reply = http_get(client, address, PROXIED, "/", timeout=30)
+        if reply.status != 200:
+            raise BenchError(f"nginx through the activator answered {reply.status}")
+        paths = {"direct": DIRECT, "activator": PROXIED}
+        log(f"nginx in pod {spec.name} at {address}: direct :{DIRECT}, activator :{PROXIED}")
+
+        for _name, conns, close in SCENARIOS:  # warm-up, not counted
+            for port in paths.values():
+                wrk(client, f"http://{address}:{port}/", conns, close, 1, script)
+
+        runs = {(sc[0], p): Series() for sc in SCENARIOS for p in paths}
+        for rep in range(reps):
+            b.settle(f"wrk rep {rep + 1}")
+            for name, conns, close in SCENARIOS:
+                order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+                for path in order:
+                    cpu0 = act.cpu_seconds()
+                    r = wrk(
+                        client, f"http://{address}:{paths[path]}/", conns, close, seconds, script
+                    )
+                    cpu = act.cpu_seconds() - cpu0
+                    r["activator_cpu_us_per_req"] = cpu / max(1, r["requests"]) * 1e6
+                    runs[(name, path)].add(**r)
+            b.check_quiet(f"wrk rep {rep + 1}")
+            d = runs[("keepalive-1", "direct")]["p50"][-1]
+            a = runs[("keepalive-1", "activator")]["p50"][-1]
+            log(f"rep {rep + 1}/{reps}: keep-alive p50 direct {d} us, activator {a} us")
+
+        transfers = {p: Series() for p in paths}
+        for _ in range(2):  # warm-up
+            for port in paths.values():
+                download(client, address, port, "/big.bin")
+        b.settle("transfers")
+        for rep in range(transfer_reps):
+            order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+            for path in order:
+                cpu0 = act.cpu_seconds()
+                size, took = download(client, address, paths[path], "/big.bin")
+                cpu = act.cpu_seconds() - cpu0
+                transfers[path].add(
+                    mib_s=size / 1048576 / took, ms=took * 1000, activator_cpu_ms=cpu * 1000
+                )
+        b.check_quiet("transfers")
+        act.stop()
+
+        summary: dict[str, Any] = {"scenarios": {}, "transfer": {}}
+        rows = []
+        for name, conns, close in SCENARIOS:
+            d, a = runs[(name, "direct")], runs[(name, "activator")]
+            entry = {
+                "connections": conns,
+                "new_connection_per_request": close,
+                "direct_rps": summarize(d["rps"]),
+                "activator_rps": summarize(a["rps"]),
+                "ratio_rps": summarize(paired(a["rps"], d["rps"], "ratio")),
+                "direct_p50_us": summarize(d["p50"]),
+                "activator_p50_us": summarize(a["p50"]),
+                "added_p50_us": summarize(paired(a["p50"], d["p50"], "diff")),
+                "direct_p99_us": summarize(d["p99"]),
+                "activator_p99_us": summarize(a["p99"]),
+                "added_p99_us": summarize(paired(a["p99"], d["p99"], "diff")),
+                "activator_cpu_us_per_req": summarize(a["activator_cpu_us_per_req"]),
+                "errors": sum(d["errors"]) + sum(a["errors"]),
+            }
+            summary["scenarios"][name] = entry
+            rows.append(
+                [
+                    name,
+                    fmt(entry["direct_rps"], "", 0),
+                    fmt(entry["activator_rps"], "", 0),
+                    fmt(entry["ratio_rps"], "x", 2),
+                    fmt(entry["direct_p50_us"], "", 0),
+                    fmt(entry["activator_p50_us"], "", 0),
+                    fmt(entry["added_p50_us"], "", 0),
+                    fmt(entry["direct_p99_us"], "", 0),
+                    fmt(entry["activator_p99_us"], "", 0),
+                    fmt(entry["activator_cpu_us_per_req"], "", 1),
+                ]
+            )
+        print_table(
+            f"Small responses (wrk, {seconds:g}s x {reps} per path), median [p10-p90]; us",
+            ["scenario", "direct rps", "act. rps", "ratio", "p50 d", "p50 a", "+p50",
+             "p99 d", "p99 a", "act cpu/req"],
+            rows,
+        )  # fmt: skip
+        td, ta = transfers["direct"], transfers["activator"]
+        summary["transfer"] = {
+            "mib": BIG_MIB,
+            "direct_mib_s": summarize(td["mib_s"]),
+            "activator_mib_s": summarize(ta["mib_s"]),
+            "ratio": summarize(paired(ta["mib_s"], td["mib_s"], "ratio")),
+            "activator_cpu_ms": summarize(ta["activator_cpu_ms"]),
+        }
+        t = summary["transfer"]
+        print_table(
+            f"{BIG_MIB} MiB transfers ({transfer_reps} per path), MiB/s, median [p10-p90]",
+            ["direct", "activator", "ratio", "activator CPU ms per transfer"],
+            [
+                [
+                    fmt(t["direct_mib_s"], "", 0),
+                    fmt(t["activator_mib_s"], "", 0),
+                    fmt(t["ratio"], "x", 2),
+                    fmt(t["activator_cpu_ms"], "", 0),
+                ]
+            ],
+        )
+        samples = {
+            "wrk": {f"{k[0]}/{k[1]}": v.data for k, v in runs.items()},
+            "transfer": {k: v.data for k, v in transfers.items()},
+        }
+        config = {
+            "reps": reps,
+            "seconds": seconds,
+            "transfer_reps": transfer_reps,
+            "transfer_mib": BIG_MIB,
+            "scenarios": [list(s) for s in SCENARIOS],
+            "nginx": subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip(),
+            "wrk": "wrk -t1 (Debian)",
+        }
+        b.result(config, samples, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

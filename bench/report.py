@@ -1,0 +1,1010 @@
+"""REPORT.md and PNG plots from the benches' JSON results (bench/results/*.json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, log
+
+MIB = 1048576
+TARGETS = {
+    "wake": 1.0,  # activator wake / raw criu restore CLI
+    "checkpoint": 1.1,  # activator checkpoint / raw criu dump CLI
+    "added_p50_us": 100.0,
+    "transfer": 0.9,  # activator / direct throughput
+    "density_mib": 60.0,  # the activator with 100 scaled-down pods
+}
+
+
+def load(directory: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for name in ("wake_checkpoint", "wake_timeline", "proxy", "density"):
+        path = directory / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def med(s: dict[str, Any] | None) -> float:
+    return float(s["median"]) if s and s.get("n") else math.nan
+
+
+def span(s: dict[str, Any] | None, unit: str = "", digits: int = 1) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    return f"{s['median']:.{digits}f}{unit} [{s['p10']:.{digits}f}-{s['p90']:.{digits}f}]"
+
+
+def yes(ok: bool) -> str:
+    return "**yes**" if ok else "**no**"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# -- plots ----------------------------------------------------------------------------------
+
+
+def _errbars(stats: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
+    mids = [med(s) for s in stats]
+    lo = [
+        max(0.0, m - s.get("p10", m)) if s.get("n") else 0.0
+        for m, s in zip(mids, stats, strict=True)
+    ]
+    hi = [
+        max(0.0, s.get("p90", m) - m) if s.get("n") else 0.0
+        for m, s in zip(mids, stats, strict=True)
+    ]
+    return mids, [lo, hi]
+
+
+def _bars(ax: Any, groups: list[str], series: list[tuple[str, list[dict[str, Any]], str]]) -> None:
+    width = 0.8 / len(series)
+    for i, (label, stats, color) in enumerate(series):
+        mids, err = _errbars(stats)
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, mids, width, yerr=err, capsize=3, label=label, color=color)
+        tops = [m + e for m, e in zip(mids, err[1], strict=True)]
+        for x, m, top in zip(xs, mids, tops, strict=True):
+            if not math.isnan(m):
+                ax.annotate(
+                    f"{m:.0f}",
+                    (x, top),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_wake(wc: dict[str, Any], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    s = wc["summary"]
+    sizes = [str(x) for x in s["sizes"]]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _bars(
+        ax,
+        [f"{x} MiB" for x in sizes],
+        [
+            (
+                "activator (connect -> first byte)",
+                [s["wake"][x]["activator"] for x in sizes],
+                "#1f77b4",
+            ),
+            (
+                "raw `criu restore` CLI (start -> first byte, polled 1 ms)",
+                [s["wake"][x]["raw"] for x in sizes],
+                "#ff7f0e",
+            ),
+            (
+                "cold start (spawn -> first byte, polled 1 ms)",
+                [s["wake"][x]["cold"] for x in sizes],
+                "#7f7f7f",
+            ),
+        ],
+    )
+    ax.set_ylabel("ms (median, bars p10-p90)")
+    ax.set_title("Wake: first response byte, sample app holding N MiB")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "wake.png", dpi=110)
+    plt.close(fig)
+    return "wake.png"
+
+
+def plot_checkpoint(wc: dict[str, Any], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    s = wc["summary"]
+    sizes = [str(x) for x in s["sizes"]]
+    k = s["checkpoint"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _bars(
+        ax,
+        [f"{x} MiB\n(image {k[x]['activator_image_mib'].get('median', 0):.0f} MiB)" for x in sizes],
+        [
+            (
+                "activator: idle deadline -> app gone",
+                [k[x]["activator_deadline_to_gone"] for x in sizes],
+                "#1f77b4",
+            ),
+            (
+                "activator: its checkpoint_ms",
+                [k[x]["activator_checkpoint_ms"] for x in sizes],
+                "#aec7e8",
+            ),
+            (
+                "raw `criu dump` CLI: start -> app gone",
+                [k[x]["raw_gone"] for x in sizes],
+                "#ff7f0e",
+            ),
+        ],
+    )
+    ax.set_ylabel("ms (median, bars p10-p90)")
+    ax.set_title("Checkpoint: until the app's process is gone")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "checkpoint.png", dpi=110)
+    plt.close(fig)
+    return "checkpoint.png"
+
+
+def plot_anatomy(wc: dict[str, Any], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    s = wc["summary"]
+    sizes = [str(x) for x in s["sizes"]]
+    an = s["anatomy"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax = axes[0]
+    labels, probe, work, rest = [], [], [], []
+    for x in sizes:
+        for op in ("restore", "dump"):
+            wall, p, w = (
+                med(an[x][f"{op}_wall_ms"]),
+                med(an[x][f"{op}_probe_ms"]),
+                med(an[x][f"{op}_work_ms"]),
+            )
+            labels.append(f"{op}\n{x} MiB")
+            probe.append(p)
+            work.append(w)
+            rest.append(max(0.0, wall - p - w))
+    xs = range(len(labels))
+    ax.bar(xs, probe, label="start-up + kernel-feature probe", color="#d62728")
+    ax.bar(xs, work, bottom=probe, label="dump/restore work", color="#2ca02c")
+    ax.bar(
+        xs,
+        rest,
+        bottom=[a + b for a, b in zip(probe, work, strict=True)],
+        label="exec + exit (outside the log)",
+        color="#c7c7c7",
+    )
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("ms (median)")
+    ax.set_title("Raw CRIU CLI time, from -v4 log timestamps")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    whatif = s.get("whatif_kdat") or {}
+    if whatif:
+        ws = list(whatif)
+        _bars(
+            ax,
+            [f"{x} MiB" for x in ws],
+            [
+                ("activator wake", [s["wake"][x]["activator"] for x in ws], "#1f77b4"),
+                (
+                    "activator wake, kdat cached",
+                    [whatif[x]["activator_wake"] for x in ws],
+                    "#aec7e8",
+                ),
+                ("raw restore", [s["wake"][x]["raw"] for x in ws], "#ff7f0e"),
+                ("raw restore, kdat cached", [whatif[x]["raw_wake"] for x in ws], "#ffbb78"),
+            ],
+        )
+        ax.set_title("What-if: CRIU kernel-feature cache present")
+        ax.set_ylabel("wake, ms (median, bars p10-p90)")
+        ax.legend(fontsize=7)
+    else:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out / "anatomy.png", dpi=110)
+    plt.close(fig)
+    return "anatomy.png"
+
+
+def plot_proxy(px: dict[str, Any], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    s = px["summary"]
+    names = list(s["scenarios"])
+    sc = s["scenarios"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.3))
+    _bars(
+        axes[0],
+        names,
+        [
+            ("direct", [sc[n]["direct_rps"] for n in names], "#ff7f0e"),
+            ("through the activator", [sc[n]["activator_rps"] for n in names], "#1f77b4"),
+        ],
+    )
+    axes[0].set_yscale("log")
+    axes[0].set_title("Small responses: requests/s (wrk -t1)")
+    axes[0].legend(fontsize=8)
+    _bars(
+        axes[1],
+        names,
+        [
+            ("direct p50", [sc[n]["direct_p50_us"] for n in names], "#ff7f0e"),
+            ("activator p50", [sc[n]["activator_p50_us"] for n in names], "#1f77b4"),
+            ("direct p99", [sc[n]["direct_p99_us"] for n in names], "#ffbb78"),
+            ("activator p99", [sc[n]["activator_p99_us"] for n in names], "#aec7e8"),
+        ],
+    )
+    axes[1].set_yscale("log")
+    axes[1].set_title("Latency, us (log)")
+    axes[1].legend(fontsize=7)
+    t = s["transfer"]
+    _bars(
+        axes[2],
+        [f"{t['mib']} MiB GET"],
+        [
+            ("direct", [t["direct_mib_s"]], "#ff7f0e"),
+            ("through the activator", [t["activator_mib_s"]], "#1f77b4"),
+        ],
+    )
+    axes[2].set_title("Large transfer, MiB/s")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "proxy.png", dpi=110)
+    plt.close(fig)
+    return "proxy.png"
+
+
+def plot_density(dn: dict[str, Any], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    s = dn["summary"]
+    mem = s["memory"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    ax = axes[0]
+    for state, style in (("running", "-o"), ("scaled-down", "--s")):
+        keys = [k for k in mem if mem[k]["state"] == state]
+        pods = [mem[k]["pods"] for k in keys]
+        ax.plot(pods, [mem[k]["rss_mib"] for k in keys], style, label=f"RSS, pods {state}")
+        ax.plot(
+            pods, [mem[k]["pss_mib"] for k in keys], style, alpha=0.6, label=f"PSS, pods {state}"
+        )
+    ax.axhline(
+        TARGETS["density_mib"], color="red", lw=1, ls=":", label="target: 60 MiB at 100 pods"
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("pods managed")
+    ax.set_ylabel("activator process memory, MiB")
+    ax.set_title("Activator memory vs pods")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    single = dn["samples"]["single"]["wake_ms"]
+    together = dn["samples"]["concurrent"]["wake_ms"]
+    ax.boxplot([single, together], whis=(10, 90), showfliers=True)
+    ax.set_xticks([1, 2], ["one at a time", f"{s['wake']['together']} at once"])
+    ax.set_ylabel("wake, connect -> first byte, ms")
+    ax.set_title(f"Wake with {s['wake']['pods_managed']} pods managed (whiskers p10/p90)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "density.png", dpi=110)
+    plt.close(fig)
+    return "density.png"
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) -> str:
+    lines: list[str] = ["# pod-activator: benchmarks", ""]
+    any_meta = next(iter(results.values()))["meta"] if results else {}
+    quick = any(r["meta"].get("quick") for r in results.values())
+    m = any_meta
+    runs = "; ".join(
+        f"{name} {r['meta'].get('date', '?')} at `{r['meta'].get('commit', '?')}`"
+        + (" (+ uncommitted product changes)" if r["meta"].get("product_dirty") else "")
+        for name, r in results.items()
+    )
+    lines += [
+        f"Runs{' (QUICK smoke runs: few repetitions)' if quick else ''}: {runs}.",
+        f"Machine: Linux {m.get('kernel')}, Debian {m.get('debian')}, {m.get('cpus')} CPUs, "
+        f"{m.get('mem_total_bytes', 0) / 2**30:.0f} GiB; CRIU {m.get('criu')}; /run is "
+        f"{m.get('run_fs')} (CRIU keeps no kernel-feature cache unless /run is tmpfs).",
+        "Regenerate: `scripts/bench` (all) or `scripts/bench --quick`; see bench/README.md.",
+        "",
+    ]
+    foreign = {
+        name: (r["meta"].get("foreign_at_start"), r["meta"].get("foreign_during"))
+        for name, r in results.items()
+    }
+    busy = {k: v for k, v in foreign.items() if v[0] or v[1]}
+    if busy:
+        where = "; ".join(
+            f"{name}: {', '.join(sorted((during or {}).keys()) or ['its start'])}"
+            for name, (_, during) in busy.items()
+        )
+        lines += [
+            "> **Other people's tests/activators ran on this machine during parts of the run** "
+            "(each bench waits for a quiet machine before a repetition, up to 90 s, and notes "
+            f"what it saw at the start and end of each): {where}. Those parts are noisier.",
+            "",
+        ]
+    wc, px, dn = results.get("wake_checkpoint"), results.get("proxy"), results.get("density")
+    img: dict[str, str] = {}
+    if plots:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            if wc:
+                img["wake"] = plot_wake(wc, out)
+                img["checkpoint"] = plot_checkpoint(wc, out)
+                img["anatomy"] = plot_anatomy(wc, out)
+            if px:
+                img["proxy"] = plot_proxy(px, out)
+            if dn:
+                img["density"] = plot_density(dn, out)
+        except ImportError:
+            log("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+
+    # -- targets
+    rows = []
+    if wc:
+        s = wc["summary"]
+        for x in map(str, s["sizes"]):
+            r = s["wake"][x]["ratio_raw"]
+            rows.append(
+                [
+                    f"wake <= 1.0x raw `criu restore` CLI, {x} MiB",
+                    span(r, "x", 2),
+                    f"{med(s['wake'][x]['activator']):.1f} vs {med(s['wake'][x]['raw']):.1f} ms",
+                    yes(med(r) <= TARGETS["wake"]),
+                ]
+            )
+        for x in map(str, s["sizes"]):
+            r = s["checkpoint"][x]["ratio_gone"]
+            k = s["checkpoint"][x]
+            rows.append(
+                [
+                    f"checkpoint <= 1.1x raw `criu dump` CLI, {x} MiB",
+                    span(r, "x", 2),
+                    f"{med(k['activator_deadline_to_gone']):.1f} vs {med(k['raw_gone']):.1f} ms",
+                    yes(med(r) <= TARGETS["checkpoint"]),
+                ]
+            )
+    if px:
+        sc = px["summary"]["scenarios"]["keepalive-1"]
+        added = sc["added_p50_us"]
+        rows.append(
+            [
+                "added p50 latency through the proxy <= 100 us (keep-alive, 1 connection)",
+                span(added, " us", 0),
+                f"{med(sc['activator_p50_us']):.0f} vs {med(sc['direct_p50_us']):.0f} us",
+                yes(med(added) <= TARGETS["added_p50_us"]),
+            ]
+        )
+        t = px["summary"]["transfer"]
+        rows.append(
+            [
+                f"{t['mib']} MiB transfer throughput >= 0.9x direct",
+                span(t["ratio"], "x", 2),
+                f"{med(t['activator_mib_s']):.0f} vs {med(t['direct_mib_s']):.0f} MiB/s",
+                yes(med(t["ratio"]) >= TARGETS["transfer"]),
+            ]
+        )
+    if dn:
+        mem = dn["summary"]["memory"]
+        top = max(int(k.split("/")[0]) for k in mem)
+        e = mem.get(f"{top}/scaled-down")
+        if e:
+            rows.append(
+                [
+                    f"{top} scaled-down pods cost the activator <= 60 MiB (its RSS)",
+                    f"{e['rss_mib']:.1f} MiB RSS",
+                    f"PSS {e['pss_mib']:.1f}, {e['rss_added_mib']:+.1f} MiB over 1 pod "
+                    f"({e['rss_per_pod_kib']:.0f} KiB/pod)",
+                    yes(top >= 100 and e["rss_mib"] <= TARGETS["density_mib"]),
+                ]
+            )
+    lines += [
+        "## Results against the targets",
+        "",
+        "Ratios are per repetition (activator / baseline of the same repetition, the "
+        "kinds interleaved), shown as median [p10-p90]; a target counts as reached "
+        "when the median meets it.",
+        "",
+        table(["target", "ratio / value", "medians", "reached"], rows),
+        "",
+    ]
+
+    if wc:
+        lines += wake_section(wc, img)
+    if results.get("wake_timeline"):
+        lines += timeline_section(results["wake_timeline"])
+    if px:
+        lines += proxy_section(px, img)
+    if dn:
+        lines += density_section(dn, img)
+    lines += findings(wc, px, dn, results.get("wake_timeline"))
+    lines += method_section(wc, px, dn)
+    text = "\n".join(lines) + "\n"
+    (out / "REPORT.md").write_text(text)
+    log(f"wrote {out / 'REPORT.md'}")
+    return text
+
+
+def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
+    s, c = wc["summary"], wc["config"]
+    sizes = [str(x) for x in s["sizes"]]
+    rows = []
+    for x in sizes:
+        w = s["wake"][x]
+        rows.append(
+            [
+                f"{x} MiB",
+                span(w["activator"]),
+                span(w["activator_accept_to_first_byte"]),
+                span(w["activator_restore_ms"]),
+                span(w["raw"]),
+                span(w["raw_criu_wall"]),
+                span(w["cold"]),
+                span(w["ratio_raw"], "x", 2),
+                span(w["ratio_cold"], "x", 2),
+            ]
+        )
+    out = [
+        "## Wake",
+        "",
+        f"{c['reps']} repetitions per size after one warm-up; ms, median [p10-p90]. CRIU's "
+        "kernel-feature cache (/run/criu.kdat) during these cycles: "
+        + (
+            "present (the activator makes it at start-up), for the activator and the raw CLI alike."
+            if wc["meta"].get("kdat_cache_during", wc["meta"].get("kdat_cache_present"))
+            else "absent (/run is not a tmpfs): every CRIU call probes the kernel."
+        ),
+        "",
+        table(
+            [
+                "app",
+                "activator: connect -> 1st byte",
+                "its accept -> 1st byte (event)",
+                "its restore_ms",
+                "raw CLI: start -> 1st byte",
+                "raw CLI exit",
+                "cold start -> 1st byte",
+                "activator / raw",
+                "activator / cold",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    lost = [x for x in sizes if not s["wake"][x].get("all_restored", True)]
+    if lost:
+        out += [f"Some wakes at {', '.join(lost)} MiB were cold starts, not restores.", ""]
+    if "wake" in img:
+        out += [f"![wake]({img['wake']})", ""]
+    rows = []
+    for x in sizes:
+        k = s["checkpoint"][x]
+        rows.append(
+            [
+                f"{x} MiB",
+                span(k["activator_deadline_to_gone"]),
+                span(k["activator_timer_to_gone"]),
+                span(k["activator_checkpoint_ms"]),
+                span(k["raw_gone"]),
+                span(k["raw_wall"]),
+                span(k["ratio_gone"], "x", 2),
+                span(k["ratio_checkpoint_ms"], "x", 2),
+                f"{med(k['activator_image_mib']):.1f} / {med(k['raw_image_mib']):.1f}",
+            ]
+        )
+    out += [
+        "## Checkpoint",
+        "",
+        f"Idle deadline = the client's close + scale-down-after ({c['idle_s']:g} s). ms, "
+        "median [p10-p90].",
+        "",
+        table(
+            [
+                "app",
+                "activator: deadline -> app gone",
+                "timer fired -> gone",
+                "its checkpoint_ms",
+                "raw CLI: start -> app gone",
+                "raw CLI exit",
+                "activator / raw (gone)",
+                "checkpoint_ms / raw exit",
+                "image MiB act / raw",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if "checkpoint" in img:
+        out += [f"![checkpoint]({img['checkpoint']})", ""]
+    rows = []
+    for x in sizes:
+        a = s["anatomy"][x]
+        rows.append(
+            [
+                f"{x} MiB",
+                span(a["restore_wall_ms"]),
+                span(a["restore_probe_ms"]),
+                span(a["restore_work_ms"]),
+                span(a["dump_wall_ms"]),
+                span(a["dump_probe_ms"]),
+                span(a["dump_work_ms"]),
+            ]
+        )
+    out += [
+        "## Where CRIU's time goes",
+        "",
+        f"Raw CLI cycles with `-v4` ({c['anatomy_reps']} per size): the log's timestamps up to "
+        "`Reading image tree` / `Dumping processes` are CRIU's start-up and kernel-feature "
+        "probe (kerndat), re-run by every call here; then the work itself. ms.",
+        "",
+        table(
+            [
+                "app",
+                "restore wall",
+                "restore: probe",
+                "restore: work",
+                "dump wall",
+                "dump: probe",
+                "dump: work",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    whatif = s.get("whatif_kdat")
+    if whatif:
+        rows = []
+        for x, e in whatif.items():
+            rows.append(
+                [
+                    f"{x} MiB",
+                    span(s["wake"][x]["activator"]),
+                    span(e["activator_wake"]),
+                    span(s["wake"][x]["raw"]),
+                    span(e["raw_wake"]),
+                    span(s["checkpoint"][x]["activator_deadline_to_gone"]),
+                    span(e["activator_deadline_to_gone"]),
+                    span(s["checkpoint"][x]["raw_gone"]),
+                    span(e["raw_gone"]),
+                ]
+            )
+        out += [
+            f"What-if, {c['whatif_reps']} repetitions: the same cycles with a kernel-feature cache "
+            "at /run/criu.kdat (made by `criu check` in a private mount namespace whose /run is "
+            "a tmpfs, installed only for these cycles; CRIU loads it from any filesystem). ms.",
+            "",
+            table(
+                [
+                    "app",
+                    "activator wake",
+                    "+ cache",
+                    "raw wake",
+                    "+ cache",
+                    "activator ckpt",
+                    "+ cache",
+                    "raw dump",
+                    "+ cache",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    if "anatomy" in img:
+        out += [f"![anatomy]({img['anatomy']})", ""]
+    return out
+
+
+def timeline_section(tl: dict[str, Any]) -> list[str]:
+    s, c = tl["summary"], tl["config"]
+    has_cached = any(v.get("n") for v in s["cached"].values())
+    present = tl["meta"].get("kdat_cache_during", tl["meta"].get("kdat_cache_present"))
+    rows = []
+    for key, text in s["steps"]:
+        row = [text, span(s["plain"].get(key, {}))]
+        if has_cached:
+            row.append(span(s["cached"].get(key, {})))
+        rows.append(row)
+    headers = ["step", "as is" if has_cached else "ms"]
+    if has_cached:
+        headers.append("kdat cache present")
+    return [
+        "## Where the activator's wake time goes",
+        "",
+        f"Diagnostic (`bench.wake_timeline`): the activator in the bench's process with its "
+        f"internals wrapped to note when each step is reached; {c['hold_mib']} MiB app, "
+        f"{c['cycles']} wakes each; ms after the client's connect, median [p10-p90]. "
+        + (
+            ""
+            if has_cached
+            else f"CRIU's kernel-feature cache was {'present' if present else 'absent'}. "
+        )
+        + "The client thread shares the activator's process (and GIL) here, so the total "
+        "runs a few ms above the wake bench's.",
+        "",
+        table(headers, rows),
+        "",
+    ]
+
+
+def proxy_section(px: dict[str, Any], img: dict[str, str]) -> list[str]:
+    s, c = px["summary"], px["config"]
+    rows = []
+    for name, e in s["scenarios"].items():
+        rows.append(
+            [
+                name,
+                span(e["direct_rps"], "", 0),
+                span(e["activator_rps"], "", 0),
+                span(e["ratio_rps"], "x", 2),
+                span(e["direct_p50_us"], "", 0),
+                span(e["activator_p50_us"], "", 0),
+                span(e["added_p50_us"], "", 0),
+                span(e["direct_p99_us"], "", 0),
+                span(e["activator_p99_us"], "", 0),
+                span(e["activator_cpu_us_per_req"], "", 1),
+            ]
+        )
+    t = s["transfer"]
+    out = [
+        "## Proxy overhead while running",
+        "",
+        f"nginx ({c.get('nginx', 'nginx')}, 1 worker, as root) in a pod; port 8080 behind the "
+        "activator, port 8081 straight to nginx; client in another pod. wrk -t1, "
+        f"{c['seconds']:g} s per run, {c['reps']} runs per path and shape, alternating. "
+        "`keepalive-N`: N persistent connections; `close-1`: a new connection per request.",
+        "",
+        table(
+            [
+                "shape",
+                "direct req/s",
+                "activator req/s",
+                "ratio",
+                "p50 direct us",
+                "p50 activator us",
+                "added p50 us",
+                "p99 direct us",
+                "p99 activator us",
+                "activator CPU us/request",
+            ],
+            rows,
+        ),
+        "",
+        f"{t['mib']} MiB GET (nginx sendfile; Python client, 4 MiB reads), "
+        f"{c['transfer_reps']} per path: direct {span(t['direct_mib_s'], ' MiB/s', 0)}, "
+        f"through the activator {span(t['activator_mib_s'], ' MiB/s', 0)}, ratio "
+        f"{span(t['ratio'], 'x', 2)}; the activator spent "
+        f"{span(t['activator_cpu_ms'], ' ms', 0)} of CPU per transfer.",
+        "",
+    ]
+    direct = px.get("samples", {}).get("wrk", {}).get("keepalive-1/direct", {}).get("p50", [])
+    if direct and min(direct) > 0 and max(direct) / min(direct) > 3:
+        out += [
+            "Direct keep-alive latency with one connection is bimodal on this 2-CPU VM "
+            f"(p50 per run: {', '.join(str(v) for v in direct)} us), as wrk and nginx land on "
+            "the same CPU or not; hence the wide spread of that row.",
+            "",
+        ]
+    if "proxy" in img:
+        out += [f"![proxy]({img['proxy']})", ""]
+    return out
+
+
+def density_section(dn: dict[str, Any], img: dict[str, str]) -> list[str]:
+    s, c = dn["summary"], dn["config"]
+    rows = []
+    for key, e in s["memory"].items():
+        rows.append(
+            [
+                key,
+                f"{e['rss_mib']:.1f}",
+                f"{e['pss_mib']:.1f}",
+                f"{e['uss_mib']:.1f}",
+                f"{e['rss_ratio']:.2f}x",
+                f"{e['rss_added_mib']:+.1f}",
+                f"{e['rss_per_pod_kib']:.0f}" if e["pods"] > s["stages"][0] else "-",
+                f"{e['threads']:.0f}",
+                f"{e['fds']:.0f}",
+            ]
+        )
+    w = s["wake"]
+    timing = s.get("timing", {})
+    out = [
+        "## Density",
+        "",
+        f"One activator process, pods of `{c['app']}`; the activator process alone, median of "
+        "5 samples; MiB.",
+        "",
+        table(
+            [
+                "pods / state",
+                "RSS",
+                "PSS",
+                "USS",
+                "RSS / 1 pod",
+                "+RSS",
+                "KiB per added pod",
+                "threads",
+                "fds",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if timing:
+        top = str(max(int(k) for k in timing))
+        out += [
+            f"Adding pods took {timing[top]['add_per_pod_ms']:.0f} ms per pod; scaling "
+            f"{top} pods down at once took {timing[top]['scale_down_all_s']:.1f} s; removing "
+            f"them all (SIGTERM to the activator) {c.get('teardown_s', 0):.1f} s.",
+            "",
+        ]
+    out += [
+        f"Wake with {w['pods_managed']} pods managed ({c['rounds']} rounds; ms, median [p10-p90]): "
+        f"one pod at a time {span(w['single'])}; {w['together']} pods at the same moment "
+        f"{span(w['concurrent'])} ({w['ratio_median']:.2f}x), all {w['together']} served after "
+        f"{span(w['all_served_ms'])}.",
+        "",
+    ]
+    if c.get("checkpoint_failures"):
+        out += [f"Checkpoints that failed and were retried: {len(c['checkpoint_failures'])}.", ""]
+    if "density" in img:
+        out += [f"![density]({img['density']})", ""]
+    return out
+
+
+def findings(
+    wc: dict[str, Any] | None,
+    px: dict[str, Any] | None,
+    dn: dict[str, Any] | None,
+    tl: dict[str, Any] | None = None,
+) -> list[str]:
+    """What limits each missed target, from the numbers of this run."""
+    out = ["## What limits the missed targets, and what to change", ""]
+    if wc:
+        s = wc["summary"]
+        small = str(s["sizes"][0])
+        an = s["anatomy"][small]
+        cached = bool(wc["meta"].get("kdat_cache_during", wc["meta"].get("kdat_cache_present")))
+        w = s["wake"][small]
+        k = s["checkpoint"][small]
+        ratios = {x: med(s["wake"][x]["ratio_raw"]) for x in map(str, s["sizes"])}
+        listed = ", ".join(f"{x} MiB {r:.2f}x" for x, r in ratios.items())
+        out += [
+            f"- **Wake** (activator/raw {listed}): the activator restores with the same CRIU "
+            "as the CLI. "
+            + (
+                f"CRIU's kernel-feature probe was cached (/run/criu.kdat present): "
+                f"{med(an['restore_probe_ms']):.0f} ms before a restore's work starts. "
+                if cached
+                else f"Both pay CRIU's kernel-feature probe on every call "
+                f"({med(an['restore_probe_ms']):.0f} ms of a {med(an['restore_wall_ms']):.0f} ms "
+                f"restore at {small} MiB: /run is not a tmpfs, \"Can't keep kdat cache on "
+                'non-tempfs"). '
+            )
+            + "Beyond CRIU the activator adds a chain of hand-offs, each waking a sleeping "
+            "thread or process (costly on this VM): accept on the loop, a worker thread for "
+            "CRIU, `criu swrk` started from Python, the RPC, back to the loop, an upstream "
+            "socket made in the pod's netns, the connect. The raw figure includes up to 1 ms of "
+            "polling, the activator's none.",
+        ]
+        if tl:
+            summary = tl["summary"]
+            with_cache = bool(summary["cached"].get("rpc_done", {}).get("n"))
+            steps = summary["cached"] if with_cache else summary["plain"]
+            at = {key: med(v) for key, v in steps.items()}
+
+            def between(a: str, b: str) -> float:
+                return at.get(b, math.nan) - at.get(a, math.nan)
+
+            parts = [
+                ("connect -> the lifecycle hears of it", at.get("connection_opened", math.nan)),
+                (
+                    "-> CRIU called (task, worker thread)",
+                    between("connection_opened", "restore_call"),
+                ),
+                ("starting `criu swrk`", between("swrk_spawn", "swrk_ready")),
+                ("CRIU's restore (RPC)", between("swrk_ready", "rpc_done")),
+                ("swrk exit, back on the loop", between("rpc_done", "restore_done")),
+                ("the forward's task starts", between("restore_done", "forward_start")),
+                (
+                    "forward (netns socket, connect, request)",
+                    between("forward_start", "forward_done"),
+                ),
+                ("the app answers, relayed", between("forward_done", "client_first_byte")),
+            ]
+            listed = "; ".join(f"{text} {ms:.1f} ms" for text, ms in parts if ms == ms)
+            out += [
+                f"  The timeline diagnostic (medians, {tl['config']['hold_mib']} MiB, "
+                + (
+                    "kdat cache present"
+                    if with_cache
+                    or tl["meta"].get("kdat_cache_during", tl["meta"].get("kdat_cache_present"))
+                    else "no kdat cache"
+                )
+                + ") "
+                f"splits a wake into: {listed}. The forward races the image's `rmtree`, "
+                "started in a worker thread at the same moment, for the GIL (Python switches "
+                "threads every 5 ms). Changes: keep a `criu swrk` started ahead while a pod is "
+                "scaled down; delete the image after the first byte is relayed (or from a "
+                "process, not a thread); make the upstream socket before the restore.",
+            ]
+        whatif = s.get("whatif_kdat", {}).get(small)
+        if whatif:
+            out += [
+                f"  With a kdat cache, at {small} MiB: activator wake {med(w['activator']):.0f} -> "
+                f"{med(whatif['activator_wake']):.0f} ms, raw {med(w['raw']):.0f} -> "
+                f"{med(whatif['raw_wake']):.0f} ms; checkpoint: activator "
+                f"{med(k['activator_deadline_to_gone']):.0f} -> "
+                f"{med(whatif['activator_deadline_to_gone']):.0f} ms, raw "
+                f"{med(k['raw_gone']):.0f} -> {med(whatif['raw_gone']):.0f} ms (the dump's "
+                "probe share is smaller and within this run's spread). Change: the activator makes "
+                "the cache at start when /run is not a tmpfs (`criu check` in a private mount "
+                "namespace with a tmpfs /run, copied to /run/criu.kdat; remade when the boot id "
+                "or the CRIU version changes).",
+            ]
+        worst = max(map(str, s["sizes"]), key=lambda x: med(s["checkpoint"][x]["ratio_gone"]))
+        kw = s["checkpoint"][worst]
+        ratios = ", ".join(
+            f"{x} MiB {med(s['checkpoint'][x]['ratio_gone']):.2f}x" for x in map(str, s["sizes"])
+        )
+        out += [
+            f"- **Checkpoint** (activator/raw {ratios}): the dump is the same CRIU call. Around "
+            f"it, at {worst} MiB: the idle timer fires "
+            f"{med(kw['activator_deadline_to_gone']) - med(kw['activator_timer_to_gone']):.1f} ms "
+            "after the deadline the client's close set (an instrumented run: the close is "
+            "noticed within 0.5 ms, the loop's timer then fires 2-5 ms late on this VM), the "
+            "checkpoint starts "
+            f"{med(kw['activator_timer_to_gone']) - med(kw['activator_checkpoint_ms']):.1f} ms "
+            "after that (event report, task), and its checkpoint_ms is "
+            f"{med(kw['activator_checkpoint_ms']) - med(kw['raw_wall']):+.1f} ms off the CLI's "
+            "run, which it adds to CRIU: a preflight scan of the app's /proc and `criu swrk` "
+            "started from Python, "
+            "each in a worker thread, plus the RPC. Changes: start `criu swrk` ahead (when the "
+            "idle timer is armed) and run the preflight then, so that only the RPC is left on "
+            f"the path. CRIU's start-up before the dump's work: {med(an['dump_probe_ms']):.0f} ms "
+            + ("(kdat cached)." if cached else "(its probe; see the kdat cache above)."),
+        ]
+    if px:
+        sc = px["summary"]["scenarios"]
+        ka1, ka32, close = sc["keepalive-1"], sc["keepalive-32"], sc["close-1"]
+        t = px["summary"]["transfer"]
+        out += [
+            f"- **Proxy, throughput** ({med(t['ratio']):.2f}x direct for {t['mib']} MiB; "
+            f"{med(ka32['ratio_rps']):.2f}x the requests/s at 32 connections): the relay is "
+            "asyncio protocols in one Python thread: every chunk is read into a Python `bytes` "
+            f"and written out again ({med(t['activator_cpu_ms']):.0f} ms of activator CPU per "
+            f"{t['mib']} MiB; {med(ka1['activator_cpu_us_per_req']):.0f} us per small "
+            "request), on a 2-CPU machine shared with nginx and the client. Change: relay "
+            "running connections with `splice(2)` through a pipe (the design's `os.splice`), in "
+            "a small pool of relay threads (or hand the accepted socket to a native relay); "
+            "expected: large transfers near direct (no user-space copies, and a second core).",
+            f"- **Proxy, new connections** (`close-1`: {med(close['ratio_rps']):.2f}x the "
+            f"requests/s of direct, +{med(close['added_p50_us']):.0f} us p50, "
+            f"{med(close['activator_cpu_us_per_req']):.0f} us of activator CPU per "
+            "connection): per connection the activator needs an upstream socket made on the "
+            "pod's netns thread (a cross-thread round trip, ~90 us of CPU measured alone, paid "
+            "whether the socket is made ahead or on demand), a new transport, task and lifecycle "
+            "bookkeeping, and `sock_connect` with a host string. Changes: make upstream sockets "
+            "in batches (one hop per batch), connect with a resolved address tuple, and keep "
+            "the per-connection path free of tasks; a native relay would remove most of it.",
+        ]
+    if dn:
+        mem = dn["summary"]["memory"]
+        top = max(int(k.split("/")[0]) for k in mem)
+        e = mem.get(f"{top}/scaled-down", {})
+        counts = sorted({int(k.split("/")[0]) for k in mem})
+        mid = counts[-2] if len(counts) > 1 else top
+        lower = mem.get(f"{mid}/scaled-down", {})
+        marginal = math.nan
+        if e and lower and top > mid:
+            marginal = (e["rss_mib"] - lower["rss_mib"]) * 1024 / (top - mid)
+        if e:
+            out += [
+                f"- **Density** ({e['rss_mib']:.0f} MiB RSS with {top} scaled-down pods, "
+                f"{e['rss_per_pod_kib']:.0f} KiB per pod over 1 pod"
+                + (
+                    f", {marginal:.0f} KiB per pod from {mid} to {top}"
+                    if marginal == marginal
+                    else ""
+                )
+                + f", {e['threads']:.0f} threads): the "
+                "activator starts near 45 MiB (Python, uvloop, pyroute2, libnftables, pycriu). "
+                "Measured alone (60 netns, one process): a libnftables context kept after its "
+                "first command ~650 KiB, one made per command and freed ~44 KiB, a NetnsThread "
+                "~15 KiB. "
+                + (
+                    "Most of the per-pod cost is the nft context each pod keeps: make it per "
+                    "command (expected about -60 MiB at 100 pods); then "
+                    if e["rss_per_pod_kib"] > 400
+                    else "With nft contexts per command, what is left per pod is the thread, "
+                    "its listeners, connections' buffers and driver objects; "
+                )
+                + "one shared netns worker instead of a thread per pod and lazy imports "
+                "(pycriu, pyroute2) are the next steps; a native core would be the way well "
+                "under 60 MiB.",
+            ]
+    out += [""]
+    return out
+
+
+def method_section(
+    wc: dict[str, Any] | None, px: dict[str, Any] | None, dn: dict[str, Any] | None
+) -> list[str]:
+    flags = (wc or {}).get("config", {}).get("criu_cli_flags", ["-v2", "--tcp-close"])
+    out = [
+        "## How it was measured",
+        "",
+        "- The activator runs as its own process (`activator run`, more pods over its control "
+        "socket), as in production; clients run in another pod (a netns on the pod bridge), so "
+        "their connections are real traffic (connections from the node's address are sniffed "
+        "for kubelet probes first).",
+        "- Raw baselines use pods laid out as the activator's (netns.pod: netns, veth, a pause as "
+        "pid 1 of the pod's pid namespace, the app joining both), the app's stdout/stderr on a "
+        "pipe, and the CRIU options of activator/criu.py: `dump --external net[...]:pod-net "
+        "--external pid[...]:pod-pid --network-lock skip --skip-in-flight FLAGS`; "
+        "`restore --restore-detached --restore-sibling --inherit-fd fd[N]:pod-net "
+        "--inherit-fd fd[M]:pod-pid --inherit-fd fd[K]:pipe:[INO] FLAGS`, FLAGS being the "
+        f"activator's CriuOptions defaults: `{' '.join(flags)}`.",
+        "- Raw and cold first bytes are polled: connect refused -> retry every 1 ms (up to ~1 ms "
+        "of the figure); the activator's wake needs no polling (the connection is held).",
+        "- Images live under /var/tmp (ext4, page cache), as the activator's state dir would.",
+        "- Work-around in bench/: every app gets its own working directory (see the product "
+        "issues below).",
+        "",
+        "## Product issues found while measuring",
+        "",
+        "- **Concurrent checkpoints fail now and then** when apps share a working directory, as "
+        "all apps of one activator do (they inherit its cwd): CRIU's parasite creates its "
+        "temporary /proc mount point in the dumped task's cwd (`Can't create a directory (-17)`, "
+        "`can't get /proc fd`). Reproduced with the raw CLI: 5 of 40 concurrent dumps failed "
+        "with a shared cwd, 0 of 40 with one cwd per app. Change wanted: start each app in its "
+        "own working directory (e.g. `STATE_DIR/NAME/cwd`, or the image's WORKDIR in "
+        "Kubernetes), or serialise dumps.",
+        "- `activator status` has no app pid and events carry wall-clock times rounded to 1 ms: "
+        "the bench finds the app among the activator's children by netns and command line. "
+        "Wanted: `app_pid` in PodStatus and a monotonic timestamp in events.",
+        "",
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", type=Path, default=RESULTS, help="where the JSON results are")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    results = load(args.dir)
+    if not results:
+        log(f"no results in {args.dir}: run the benches first")
+        return 1
+    report(results, args.dir, plots=not args.no_plots)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
