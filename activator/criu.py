@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -78,6 +79,20 @@ class Criu:
     def __init__(self, binary: Path, options: CriuOptions | None = None) -> None:
         self.binary = binary
         self.options = options or CriuOptions()
+        self._dumps_by_cwd: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def _dump_lock(self, pid: int) -> threading.Lock:
+        """One dump at a time per working directory: CRIU's parasite makes a
+        temporary directory there named after the task's pid, and apps of
+        different pods share pids (each is pid 2 or so in its own namespace):
+        concurrent dumps then fail with EEXIST (seen by the bench)."""
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            cwd = ""
+        with self._locks_lock:
+            return self._dumps_by_cwd.setdefault(cwd, threading.Lock())
 
     def dump(self, pid: int, images: Path, externals: Externals) -> int:
         """Checkpoint the tree rooted at `pid` into `images`; return the image size."""
@@ -90,7 +105,8 @@ class Criu:
         fd = os.open(images / OUTPUT_PIPES, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w") as record:
             json.dump(output_pipes(pid), record)
-        self._call("dump", opts, images, pass_fds=())
+        with self._dump_lock(pid):
+            self._call("dump", opts, images, pass_fds=())
         return image_bytes(images)
 
     def restore(self, images: Path, externals: Externals) -> int:
