@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
 # How long the app gets to exit after SIGTERM when the pod stops.
 STOP_GRACE = 5.0
+# How long after a wake the restored image is deleted (off the wake's path).
+IMAGE_DELETE_DELAY = 0.5
 
 
 class SpawnFailed(Exception):
@@ -115,6 +117,7 @@ class PodDriver:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waking_conn: int | None = None
         self._exits: dict[int, asyncio.Future[int]] = {}
+        self._restored = 0
         self._loop = asyncio.get_running_loop()
 
     # -- setup -----------------------------------------------------------------
@@ -353,7 +356,13 @@ class PodDriver:
         self._watch(pid)
         self.feed(e.RestoreDone(self._loop.time(), duration_ms=ms))
         # The image holds the app's memory (secrets too): gone once it is back.
-        await asyncio.to_thread(shutil.rmtree, self.images, True)
+        # Renamed at once (the next checkpoint may come soon), deleted a moment
+        # later: deleting holds the GIL, which would slow the held connections.
+        self._restored += 1
+        done = self.state_dir / f"images.restored-{self._restored}"
+        self.images.rename(done)
+        await asyncio.sleep(IMAGE_DELETE_DELAY)
+        await asyncio.to_thread(shutil.rmtree, done, True)
 
     # -- manual control and stop ---------------------------------------------------
 
