@@ -86,6 +86,7 @@ class PodStatus:
     open_connections: int
     held_connections: int
     open_by_port: dict[int, int]
+    app_pid: int | None  # host pid of the app's root process, while it runs
     last_checkpoint_ms: float | None
     last_restore_ms: float | None
     image_bytes: int | None
@@ -423,6 +424,7 @@ class PodDriver:
                 for port in self.config.ports
             },
             held_connections=len(m.held_connections),
+            app_pid=self.app_pid,
             last_checkpoint_ms=m.last_checkpoint_ms,
             last_restore_ms=m.last_restore_ms,
             image_bytes=m.image_bytes,
