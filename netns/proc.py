@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -72,3 +74,36 @@ def pids() -> Iterator[int]:
 def members_of(kind: str, inode: int) -> list[int]:
     """Every process in the namespace of `kind` ("net", "pid") with `inode`."""
     return [pid for pid in pids() if ns_inode_of(pid, kind) == inode]
+
+
+def descendants_of(pid: int) -> set[int]:
+    """Every process below `pid` in the process tree."""
+    parents = {p: parent_of(p) for p in pids()}
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@dataclass(frozen=True)
+class Process:
+    """A process named across pid reuse: its pid and its start time."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> Process | None:
+        start = start_time_of(pid)
+        return None if start is None else cls(pid, start)
+
+    def alive(self) -> bool:
+        """Still there, zombie included."""
+        return start_time_of(self.pid) == self.start
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netns.proc import Process, descendants_of, members_of, ns_inode_of
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 ACTIVATOR = BIN / "activator"
@@ -746,65 +748,8 @@ SERVERS: list[Server] = [
 # --- processes ------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()  # fields from "state" (3) on
-
-
-@dataclass(frozen=True)
-class Proc:
-    """A process identified across pid reuse: pid and start time."""
-
-    pid: int
-    start: int
-
-    @classmethod
-    def of(cls, pid: int) -> Proc | None:
-        fields = _stat_fields(pid)
-        return None if fields is None else cls(pid, int(fields[19]))
-
-    def alive(self) -> bool:
-        fields = _stat_fields(self.pid)
-        return fields is not None and int(fields[19]) == self.start
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-
-def _pids() -> Iterator[int]:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            yield int(entry)
-
-
-def ns_inode(pid: int | str, kind: str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
-    except OSError:
-        return None
-
-
 def ns_members(kind: str, inode: int) -> set[int]:
-    return {pid for pid in _pids() if ns_inode(pid, kind) == inode}
-
-
-def descendants(pid: int) -> set[int]:
-    parents = {}
-    for p in _pids():
-        fields = _stat_fields(p)
-        if fields is not None:
-            parents[p] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+    return set(members_of(kind, inode))
 
 
 def nspid(path: str) -> list[int]:
@@ -896,7 +841,7 @@ class PodRun:
     proc: subprocess.Popen[bytes]
     extra_flags: tuple[str, ...] = ()
     _address: str | None = None
-    _tracked: set[Proc] = field(default_factory=set)
+    _tracked: set[Process] = field(default_factory=set)
 
     @classmethod
     def start(
@@ -992,14 +937,14 @@ class PodRun:
             self._address = str(pods[0]["address"])
         return self._address
 
-    def netns_inode(self) -> int | None:
+    def netns_inode_of(self) -> int | None:
         try:
             return os.stat(NETNS_DIR / f"pa-{self.name}").st_ino
         except OSError:
             return None
 
     def netns_pids(self) -> set[int]:
-        inode = self.netns_inode()
+        inode = self.netns_inode_of()
         return set() if inode is None else ns_members("net", inode)
 
     def pause(self) -> int:
@@ -1009,20 +954,20 @@ class PodRun:
         return found[0]
 
     def pid_namespace(self) -> int:
-        inode = ns_inode(self.pause(), "pid")
+        inode = ns_inode_of(self.pause(), "pid")
         assert inode is not None
         return inode
 
     def app(self) -> dict[int, Task]:
         """The app's processes (every process of the pod's pid namespace but the pause)."""
         pause = self.pause()
-        inode = ns_inode(pause, "pid")
+        inode = ns_inode_of(pause, "pid")
         assert inode is not None
         tasks = {}
         for pid in ns_members("pid", inode) - {pause}:
             if (task := _task(pid)) is not None:
                 tasks[task.pid] = task
-                if (proc := Proc.of(pid)) is not None:
+                if (proc := Process.of(pid)) is not None:
                     self._tracked.add(proc)
         return tasks
 
@@ -1047,8 +992,8 @@ class PodRun:
     # -- teardown --
 
     def track(self) -> None:
-        for pid in self.netns_pids() | (descendants(self.proc.pid) if self.alive() else set()):
-            if (proc := Proc.of(pid)) is not None:
+        for pid in self.netns_pids() | (descendants_of(self.proc.pid) if self.alive() else set()):
+            if (proc := Process.of(pid)) is not None:
                 self._tracked.add(proc)
 
     def stop(self) -> int:

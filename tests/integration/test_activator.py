@@ -40,6 +40,7 @@ import pytest
 from netns.bridge import DEFAULT_BRIDGE
 from netns.namespace import NetnsThread
 from netns.pod import host_ifname
+from netns.proc import Process, descendants_of, members_of, ns_inode_of, nspid, parent_of
 
 pytestmark = [
     pytest.mark.root,
@@ -130,81 +131,15 @@ def wait_for_event(
 # --- processes ---------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2 :].split()  # fields from "state" (3) on
-
-
-def parent_of(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[1])
-
-
-@dataclass(frozen=True)
-class Proc:
-    """A process identified across pid reuse: pid and start time."""
-
-    pid: int
-    start: int
-
-    @classmethod
-    def of(cls, pid: int) -> Proc:
-        fields = _stat_fields(pid)
-        assert fields is not None, f"process {pid} does not exist"
-        return cls(pid, int(fields[19]))
-
-    def alive(self) -> bool:
-        """Still there, zombie included (a zombie nobody reaps is left over too)."""
-        fields = _stat_fields(self.pid)
-        return fields is not None and int(fields[19]) == self.start
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-
-def _pids() -> Iterator[int]:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            yield int(entry)
-
-
-def ns_inode(pid: int, kind: str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
-    except OSError:
-        return None
+def process_of(pid: int) -> Process:
+    found = Process.of(pid)
+    assert found is not None, f"process {pid} does not exist"
+    return found
 
 
 def ns_members(kind: str, inode: int) -> set[int]:
     """Host pids of every process in namespace `kind` with `inode`."""
-    return {pid for pid in _pids() if ns_inode(pid, kind) == inode}
-
-
-def descendants(pid: int) -> set[int]:
-    parents = {p: parent_of(p) for p in _pids()}
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def nspid(pid: int) -> list[int]:
-    """The pid of `pid` in each pid namespace it is in, outermost first ([] if gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    for line in status.splitlines():
-        if line.startswith("NSpid:"):
-            return [int(n) for n in line.split()[1:]]
-    return []
+    return set(members_of(kind, inode))
 
 
 # --- the host's view of a pod ------------------------------------------------
@@ -457,7 +392,7 @@ class Activator:
     def app_pids(self, pod: str | None = None) -> set[int]:
         """Host pids of the processes in the pod's pid namespace but the pause."""
         pause = self.pause(pod)
-        inode = ns_inode(pause, "pid")
+        inode = ns_inode_of(pause, "pid")
         assert inode is not None
         return ns_members("pid", inode) - {pause}
 
@@ -481,15 +416,15 @@ class Activator:
     def teardown(self) -> list[str]:
         """Stop, then find, report and remove whatever is left of the pods."""
         problems: list[str] = []
-        tracked: set[Proc] = set()
-        for pid in descendants(self.pid) if self.alive() else set():
+        tracked: set[Process] = set()
+        for pid in descendants_of(self.pid) if self.alive() else set():
             with contextlib.suppress(AssertionError):
-                tracked.add(Proc.of(pid))
+                tracked.add(process_of(pid))
         for pod in self.pods:
             if f"pa-{pod}" in netns_names():
                 for pid in netns_pids(pod):
                     with contextlib.suppress(AssertionError):
-                        tracked.add(Proc.of(pid))
+                        tracked.add(process_of(pid))
         try:
             self.stop()
         except AssertionError as exc:
@@ -594,9 +529,9 @@ def test_state_is_kept_across_five_scale_down_and_wake_cycles(activator: StartAc
     assert before["values"] == {"greeting": "hello"}
     pause = act.pause()
     unshare = parent_of(pause)
-    pid_ns = ns_inode(pause, "pid")
+    pid_ns = ns_inode_of(pause, "pid")
     assert pid_ns is not None
-    apps = {Proc.of(pid) for pid in act.app_pids()}
+    apps = {process_of(pid) for pid in act.app_pids()}
     assert len(apps) == 1, apps
     mark = act.mark()
     for cycle in range(1, 6):
@@ -620,7 +555,7 @@ def test_state_is_kept_across_five_scale_down_and_wake_cycles(activator: StartAc
         assert detail(running, "restore_ms") is not None, running
         first_byte = [ev for ev in woke if ev["event"] == "first-byte"]
         assert len(first_byte) == 1 and detail(first_byte[0], "first_byte_ms") > 0, woke
-        apps = {Proc.of(pid) for pid in act.app_pids()}
+        apps = {process_of(pid) for pid in act.app_pids()}
         assert len(apps) == 1, f"cycle {cycle}: {apps}"
         before = after
         mark = act.mark()
@@ -724,10 +659,10 @@ def test_sigterm_leaves_nothing_of_the_pod(activator: StartActivator, phase: str
         act.wait_for("scaled-down", after=act.mark())
     assert pod_status(act.name)["phase"] == phase
     pause = act.pause()
-    net_ns, pid_ns = ns_inode(pause, "net"), ns_inode(pause, "pid")
+    net_ns, pid_ns = ns_inode_of(pause, "net"), ns_inode_of(pause, "pid")
     assert net_ns is not None and pid_ns is not None
-    processes = {Proc.of(pid) for pid in netns_pids(act.name) | ns_members("pid", pid_ns)}
-    processes |= {Proc.of(pid) for pid in descendants(act.pid)}
+    processes = {process_of(pid) for pid in netns_pids(act.name) | ns_members("pid", pid_ns)}
+    processes |= {process_of(pid) for pid in descendants_of(act.pid)}
     apps = act.app_pids()
     assert len(apps) == (1 if phase == "running" else 0), apps
     lease = IPAM_DIR / address
@@ -770,7 +705,7 @@ def test_app_that_exits_is_restarted_and_serves(activator: StartActivator, origi
         assert get_state(address)["boot_id"] == before["boot_id"]
     (app_pid,) = act.app_pids()
     assert parent_of(app_pid) == act.pid, "the app is the activator's child"
-    app = Proc.of(app_pid)
+    app = process_of(app_pid)
     mark = act.mark()
     os.kill(app.pid, signal.SIGKILL)
     exited, ev = act.wait_for("app-exited", after=mark)
@@ -825,7 +760,7 @@ def test_two_pods_in_one_activator_reach_each_other(activator: StartActivator) -
     assert body["boot_id"] == b_state["boot_id"] and body["hits"] == b_state["hits"] + 1
     act.wait_for("restoring", after=mark, pod=b)
 
-    b_pause = Proc.of(act.pause(b))
+    b_pause = process_of(act.pause(b))
     cli("remove", b)
     names = {p["name"] for p in json.loads(cli("status", "--json").stdout)}
     assert b not in names and act.name in names
