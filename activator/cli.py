@@ -66,6 +66,11 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
         help="how long a silent connection from a probe source is sniffed (default 100ms)",
     )
     parser.add_argument(
+        "--image-key",
+        metavar="FILE",
+        help="seal images at rest with this 32-byte key (AES-256-GCM); plaintext stays in memory",
+    )
+    parser.add_argument(
         "--annotations",
         metavar="FILE",
         type=Path,
@@ -92,6 +97,7 @@ def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any
         "probe_sources": args.probe_source,
         "probe_wait": args.probe_wait,
         "probe_default_status": args.probe_default_status,
+        "image_key": args.image_key,
     }
     if args.annotations is not None:
         for key, value in _annotation_settings(args.annotations).items():

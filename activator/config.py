@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network
+from pathlib import Path
 from typing import TypeVar
 
 DEFAULT_SCALEDOWN_AFTER = 60.0
@@ -54,6 +55,8 @@ class PodConfig:
     probe_sources: tuple[IPv4Network, ...] = ()
     probe_wait: float = DEFAULT_PROBE_WAIT
     probe_default_status: int = 200
+    # With a key, images are sealed at rest (see sealed.py); never printed.
+    image_key: bytes | None = field(default=None, repr=False)
 
 
 def parse_duration(text: str, field: str) -> float | FieldError:
@@ -117,6 +120,7 @@ def pod_config(
     probe_sources: Sequence[str] = (),
     probe_wait: str | None = None,
     probe_default_status: str | None = None,
+    image_key: str | None = None,
 ) -> PodConfig:
     """Check every field; raise one ConfigError listing all that are wrong."""
     errors: list[FieldError] = []
@@ -159,6 +163,11 @@ def pod_config(
     status = 200
     if probe_default_status is not None:
         status = checked(parse_http_status(probe_default_status, "--probe-default-status")) or 200
+    key = None
+    if image_key is not None:
+        from activator.sealed import read_key  # cryptography only when asked for
+
+        key = checked(read_key(Path(image_key), "--image-key"))
     if errors:
         raise ConfigError(errors)
     return PodConfig(
@@ -171,4 +180,5 @@ def pod_config(
         probe_sources=tuple(s for s in sources if s is not None),
         probe_wait=wait,
         probe_default_status=status,
+        image_key=key,
     )

@@ -23,12 +23,13 @@ from typing import Any, Protocol, assert_never
 
 from activator import commands as c
 from activator import events as e
-from activator import preflight
+from activator import preflight, sealed
 from activator.config import PodConfig
 from activator.criu import Criu, CriuError, Externals
 from activator.lifecycle import Lifecycle, Phase, Policy
 from activator.probes import ProbeMemory, Verdict
 from activator.proxy import ClientConnection, ProbeDetection, ShadowListener
+from activator.sealed import SealError
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,40 @@ class PodDriver:
             if found := await asyncio.to_thread(preflight.problems, leftover.app_pid):
                 raise CriuError("cannot adopt: " + "; ".join(found))
             shutil.rmtree(staging, ignore_errors=True)
-            await asyncio.to_thread(self.criu.dump, leftover.app_pid, staging, leftover.externals)
+            await asyncio.to_thread(self._dump, leftover.app_pid, staging, leftover.externals)
         if (staging / "stats-dump").exists():
             self._keep_image(staging)
         await self.sandbox.remove_leftover(leftover)
         if not self.images.exists():
             log.warning("pod %s: left without its app or an image: starting it cold", self.name)
         return self.images.exists()
+
+    def _dump(self, pid: int, images: Path, externals: Externals) -> int:
+        """Checkpoint into `images`; sealed, with a key: CRIU then writes into
+        memory and only the sealed files reach the disk. The image's size."""
+        key = self.config.image_key
+        if key is None:
+            return self.criu.dump(pid, images, externals)
+        plain = sealed.PLAIN_ROOT / f"{self.name}.dump"
+        shutil.rmtree(plain, ignore_errors=True)
+        try:
+            size = self.criu.dump(pid, plain, externals)
+            sealed.seal(plain, images, key)
+            return size
+        finally:
+            shutil.rmtree(plain, ignore_errors=True)
+
+    def _restore_from_images(self) -> int:
+        key = self.config.image_key
+        if key is None:
+            return self.criu.restore(self.images, self.sandbox.externals())
+        plain = sealed.PLAIN_ROOT / f"{self.name}.restore"
+        shutil.rmtree(plain, ignore_errors=True)
+        try:
+            sealed.unseal(self.images, plain, key)
+            return self.criu.restore(plain, self.sandbox.externals())
+        finally:
+            shutil.rmtree(plain, ignore_errors=True)
 
     def _keep_image(self, staging: Path) -> None:
         """The new image replaces the old one only once it is complete."""
@@ -327,7 +355,7 @@ class PodDriver:
                 raise CriuError("the app is not running")
             if found := await asyncio.to_thread(preflight.problems, pid):
                 raise CriuError("cannot checkpoint: " + "; ".join(found))
-            size = await asyncio.to_thread(self.criu.dump, pid, staging, self.sandbox.externals())
+            size = await asyncio.to_thread(self._dump, pid, staging, self.sandbox.externals())
         except CriuError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self.feed(e.CheckpointFailed(self._loop.time(), str(exc)))
@@ -344,8 +372,8 @@ class PodDriver:
     async def _restore(self) -> None:
         started = time.monotonic()
         try:
-            pid = await asyncio.to_thread(self.criu.restore, self.images, self.sandbox.externals())
-        except CriuError as exc:
+            pid = await asyncio.to_thread(self._restore_from_images)
+        except (CriuError, SealError) as exc:
             # Keep the image that failed for a post-mortem; the next checkpoint replaces it.
             failed = self.state_dir / "images.failed"
             shutil.rmtree(failed, ignore_errors=True)

@@ -469,6 +469,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
         verbose: bool = False,
         state_dir: Path | None = None,
         adopting: bool = False,
+        image_key: Path | None = None,
     ) -> Activator:
         name = name or unique_name()
         workdir = tmp_path / f"{name}-{len(started)}"
@@ -495,6 +496,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
                     str(workdir / "events.jsonl"),
                     "--state-dir",
                     str(state_dir),
+                    *(["--image-key", str(image_key)] if image_key else []),
                     "--",
                     *app,
                 ],
@@ -1158,3 +1160,23 @@ def test_soak_state_kept_and_no_growth_in_activator_memory_or_fds(
     rss, fds = me.memory_info().rss, me.num_fds()
     assert fds <= baseline[1] + 2, f"open fds grew from {baseline[1]} to {fds}"
     assert rss <= baseline[0] + 8 * 2**20, f"RSS grew from {baseline[0]} to {rss}"
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_sealed_images_hold_no_plaintext_and_wake_with_the_state(
+    activator: StartActivator, tmp_path: Path, sealed: bool
+) -> None:
+    """Without a key the app's secret is plainly in its image (what sealing is
+    for); with --image-key it is nowhere on disk, and the wake still has it."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    act = activator(image_key=key if sealed else None)
+    address = act.address()
+    secret = f"S3CR3T-{uuid.uuid4().hex}".encode()
+    assert request(address, "PUT", "/values/secret", body=secret)[0] == 204
+    act.wait_for("scaled-down")
+    images = act.state_dir / act.name / "images"
+    found = any(secret in f.read_bytes() for f in images.iterdir())
+    assert found != sealed, "sealed images hold the secret" if sealed else "test is blind"
+    assert not any(Path("/dev/shm/pod-activator").glob(f"{act.name}.*"))
+    assert get_state(address)["values"]["secret"] == secret.decode()
