@@ -23,13 +23,12 @@ from typing import Any, Protocol, assert_never
 
 from activator import commands as c
 from activator import events as e
-from activator import preflight, sealed
+from activator import preflight
 from activator.config import PodConfig
 from activator.criu import Criu, CriuError, Externals
 from activator.lifecycle import Lifecycle, Phase, Policy
 from activator.probes import ProbeMemory, Verdict
 from activator.proxy import ClientConnection, ProbeDetection, ShadowListener
-from activator.sealed import SealError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +176,8 @@ class PodDriver:
         key = self.config.image_key
         if key is None:
             return self.criu.dump(pid, images, externals)
+        from activator import sealed  # cryptography (7 MiB) only for pods that seal
+
         plain = sealed.PLAIN_ROOT / f"{self.name}.dump"
         shutil.rmtree(plain, ignore_errors=True)
         try:
@@ -190,6 +191,8 @@ class PodDriver:
         key = self.config.image_key
         if key is None:
             return self.criu.restore(self.images, self.sandbox.externals())
+        from activator import sealed
+
         plain = sealed.PLAIN_ROOT / f"{self.name}.restore"
         shutil.rmtree(plain, ignore_errors=True)
         try:
@@ -373,7 +376,7 @@ class PodDriver:
         started = time.monotonic()
         try:
             pid = await asyncio.to_thread(self._restore_from_images)
-        except (CriuError, SealError) as exc:
+        except CriuError as exc:
             # Keep the image that failed for a post-mortem; the next checkpoint replaces it.
             failed = self.state_dir / "images.failed"
             shutil.rmtree(failed, ignore_errors=True)

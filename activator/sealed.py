@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from activator.config import FieldError
+from activator.criu import CriuError
 
 KEY_BYTES = 32
 _NONCE_BYTES = 12
@@ -26,8 +27,9 @@ _NONCE_BYTES = 12
 PLAIN_ROOT = Path("/dev/shm/pod-activator")
 
 
-class SealError(Exception):
-    """An image cannot be opened: wrong key, or changed since it was sealed."""
+class SealError(CriuError):
+    """An image cannot be opened: wrong key, or changed since it was sealed.
+    (A CriuError: the restore fails, and the pod falls back to a cold start.)"""
 
 
 def read_key(path: Path, field: str) -> bytes | FieldError:
