@@ -270,7 +270,13 @@ class PodDriver:
     # -- connections (called by the proxy) --------------------------------------
 
     def connection_opened(self, conn: ClientConnection) -> None:
-        log.debug("pod %s: connection %d opened on port %d", self.name, conn.id, conn.port)
+        log.debug(
+            "pod %s: connection %d from %s opened on port %d",
+            self.name,
+            conn.id,
+            conn.peer_address,
+            conn.port,
+        )
         self.connections[conn.id] = conn
         was_scaled_down = self.lifecycle.phase is Phase.SCALED_DOWN
         self.feed(e.ConnectionOpened(self._loop.time(), conn=conn.id, port=conn.port))

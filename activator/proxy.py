@@ -196,6 +196,11 @@ class ClientConnection(_Side):
                 self.close()
 
     @property
+    def peer_address(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    @property
     def sniffing(self) -> bool:
         return self._sniff_timer is not None
 

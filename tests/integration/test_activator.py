@@ -1111,6 +1111,7 @@ def test_sysv_shared_memory_survives_in_the_apps_own_ipc_namespace(tmp_path: Pat
 LONG = os.environ.get("ACTIVATOR_LONG_TESTS") == "1"
 
 
+@pytest.mark.timeout(1800 if LONG else 300)
 def test_connections_racing_the_idle_deadline_checkpoint_and_restore_are_all_served(
     activator: StartActivator,
 ) -> None:
@@ -1138,6 +1139,7 @@ def test_connections_racing_the_idle_deadline_checkpoint_and_restore_are_all_ser
     assert phases.count("restoring") >= cycles // 4, phases  # it really cycled
 
 
+@pytest.mark.timeout(1800 if LONG else 300)
 def test_soak_state_kept_and_no_growth_in_activator_memory_or_fds(
     activator: StartActivator,
 ) -> None:
