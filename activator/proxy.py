@@ -313,6 +313,12 @@ class ClientConnection(_Side):
             upstream.close()
             return
         assert upstream.transport is not None
+        log.debug(
+            "connection %d relayed to the app (%d early bytes, eof %s)",
+            self.id,
+            sum(map(len, self.early_data)),
+            self.eof,
+        )
         for chunk in self.early_data:
             upstream.transport.write(chunk)
         self.early_data.clear()
