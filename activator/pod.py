@@ -159,8 +159,6 @@ class PodDriver:
         staging = self.state_dir / "images.new"
         if leftover.app_pid is not None:
             log.warning("pod %s: adopting the running app: checkpointing it in place", self.name)
-            if found := await asyncio.to_thread(preflight.problems, leftover.app_pid):
-                raise CriuError("cannot adopt: " + "; ".join(found))
             shutil.rmtree(staging, ignore_errors=True)
             await asyncio.to_thread(self._dump, leftover.app_pid, staging, leftover.externals)
         if (staging / "stats-dump").exists():
@@ -172,7 +170,11 @@ class PodDriver:
 
     def _dump(self, pid: int, images: Path, externals: Externals) -> int:
         """Checkpoint into `images`; sealed, with a key: CRIU then writes into
-        memory and only the sealed files reach the disk. The image's size."""
+        memory and only the sealed files reach the disk. The image's size.
+
+        What CRIU cannot dump is found first, without touching the app."""
+        if found := preflight.problems(pid):
+            raise CriuError("cannot checkpoint: " + "; ".join(found))
         key = self.config.image_key
         if key is None:
             return self.criu.dump(pid, images, externals)
@@ -362,8 +364,6 @@ class PodDriver:
         try:
             if pid is None:
                 raise CriuError("the app is not running")
-            if found := await asyncio.to_thread(preflight.problems, pid):
-                raise CriuError("cannot checkpoint: " + "; ".join(found))
             size = await asyncio.to_thread(self._dump, pid, staging, self.sandbox.externals())
         except CriuError as exc:
             shutil.rmtree(staging, ignore_errors=True)
