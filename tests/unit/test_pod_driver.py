@@ -15,96 +15,86 @@ from .fakepod import Harness, get, run, until
 
 
 def test_requests_pass_through_while_running(tmp_path: Path) -> None:
-    run(tmp_path, _requests_pass_through_while_running)
+    async def scenario(harness: Harness) -> None:
+        assert harness.sandbox.redirects == {harness.pod.config.ports[0]: harness.shadow_port}
+        answer = await get(harness.shadow_port)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        assert b'"hits": 1' in answer
 
-
-async def _requests_pass_through_while_running(harness: Harness) -> None:
-    assert harness.sandbox.redirects == {harness.pod.config.ports[0]: harness.shadow_port}
-    answer = await get(harness.shadow_port)
-    assert answer.startswith(b"HTTP/1.1 200 OK")
-    assert b'"hits": 1' in answer
+    run(tmp_path, scenario)
 
 
 def test_idle_pod_is_checkpointed_and_the_next_connection_restores_it(tmp_path: Path) -> None:
-    run(tmp_path, _idle_pod_is_checkpointed_and_the_next_connection_restores_it)
+    async def scenario(harness: Harness) -> None:
+        await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
+        assert harness.pod.app_pid is None
+        answers = await asyncio.gather(*(get(harness.shadow_port) for _ in range(20)))
+        assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
+        assert harness.reports.events.count("restoring") == 1
+        assert "first-byte" in harness.reports.events
+        # The image is deleted once the app is back.
+        assert not harness.pod.images.exists()
 
-
-async def _idle_pod_is_checkpointed_and_the_next_connection_restores_it(
-    harness: Harness,
-) -> None:
-    await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
-    assert harness.pod.app_pid is None
-    answers = await asyncio.gather(*(get(harness.shadow_port) for _ in range(20)))
-    assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
-    assert harness.reports.events.count("restoring") == 1
-    assert "first-byte" in harness.reports.events
-    # The image is deleted once the app is back.
-    assert not harness.pod.images.exists()
+    run(tmp_path, scenario)
 
 
 def test_failed_restore_starts_the_app_cold_and_serves(tmp_path: Path) -> None:
-    run(tmp_path, _failed_restore_starts_the_app_cold_and_serves)
+    async def scenario(harness: Harness) -> None:
+        await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
+        harness.criu.restore_error = "corrupted image"
+        answer = await get(harness.shadow_port)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        events = harness.reports.events
+        assert events.index("restore-failed") < len(events) - 1
+        assert events[events.index("restore-failed") - 1 :][:3] == [
+            "starting",
+            "restore-failed",
+            "running",
+        ]
+        assert (harness.pod.state_dir / "images.failed").exists()
 
-
-async def _failed_restore_starts_the_app_cold_and_serves(harness: Harness) -> None:
-    await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
-    harness.criu.restore_error = "corrupted image"
-    answer = await get(harness.shadow_port)
-    assert answer.startswith(b"HTTP/1.1 200 OK")
-    events = harness.reports.events
-    assert events.index("restore-failed") < len(events) - 1
-    assert events[events.index("restore-failed") - 1 :][:3] == [
-        "starting",
-        "restore-failed",
-        "running",
-    ]
-    assert (harness.pod.state_dir / "images.failed").exists()
+    run(tmp_path, scenario)
 
 
 def test_an_app_that_exits_is_restarted(tmp_path: Path) -> None:
-    run(tmp_path, _an_app_that_exits_is_restarted)
+    async def scenario(harness: Harness) -> None:
+        await until(lambda: harness.pod.app_pid is not None)
+        first = harness.pod.app_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: harness.pod.app_pid not in (None, first))
+        assert "app-exited" in harness.reports.events
+        assert (await get(harness.shadow_port)).startswith(b"HTTP/1.1 200 OK")
 
-
-async def _an_app_that_exits_is_restarted(harness: Harness) -> None:
-    await until(lambda: harness.pod.app_pid is not None)
-    first = harness.pod.app_pid
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
-    await until(lambda: harness.pod.app_pid not in (None, first))
-    assert "app-exited" in harness.reports.events
-    assert (await get(harness.shadow_port)).startswith(b"HTTP/1.1 200 OK")
+    run(tmp_path, scenario)
 
 
 def test_connections_while_the_app_cannot_start_are_refused_with_a_reason(tmp_path: Path) -> None:
-    run(tmp_path, _connections_while_the_app_cannot_start_are_refused_with_a_reason)
+    async def scenario(harness: Harness) -> None:
+        await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
+        harness.criu.restore_error = "corrupted image"
+        harness.sandbox.spawn_error = "no such file: sampleapp"
+        try:
+            answer = await get(harness.shadow_port)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b"", "a connection that cannot be served must not look answered"
+        assert harness.pod.lifecycle.phase is Phase.FAILED
+        assert "start-failed" in harness.reports.events
 
-
-async def _connections_while_the_app_cannot_start_are_refused_with_a_reason(
-    harness: Harness,
-) -> None:
-    await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
-    harness.criu.restore_error = "corrupted image"
-    harness.sandbox.spawn_error = "no such file: sampleapp"
-    try:
-        answer = await get(harness.shadow_port)
-    except ConnectionResetError:
-        answer = b""
-    assert answer == b"", "a connection that cannot be served must not look answered"
-    assert harness.pod.lifecycle.phase is Phase.FAILED
-    assert "start-failed" in harness.reports.events
+    run(tmp_path, scenario)
 
 
 def test_stop_ends_the_app_and_removes_everything(tmp_path: Path) -> None:
-    run(tmp_path, _stop_ends_the_app_and_removes_everything)
+    async def scenario(harness: Harness) -> None:
+        await until(lambda: harness.pod.app_pid is not None)
+        pid = harness.pod.app_pid
+        assert pid is not None
+        harness.pod.stop()
+        await asyncio.wait_for(harness.pod.stopped.wait(), 30)
+        assert harness.sandbox.destroyed
+        assert not harness.pod.state_dir.exists()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
-
-async def _stop_ends_the_app_and_removes_everything(harness: Harness) -> None:
-    await until(lambda: harness.pod.app_pid is not None)
-    pid = harness.pod.app_pid
-    assert pid is not None
-    harness.pod.stop()
-    await asyncio.wait_for(harness.pod.stopped.wait(), 30)
-    assert harness.sandbox.destroyed
-    assert not harness.pod.state_dir.exists()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    run(tmp_path, scenario)
