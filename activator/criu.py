@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,8 @@ import pycriu
 
 LOG_TAIL_LINES = 8
 OUTPUT_PIPES = "output-pipes.json"
+
+OnStart = Callable[[int], None]  # called with CRIU's pid
 
 
 class CriuError(Exception):
@@ -62,6 +64,10 @@ class CriuOptions:
     ghost_limit: int = 1 << 20
     log_level: int = 2
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _nothing(pid: int) -> None:
+    pass
 
 
 def find_criu() -> Path:
@@ -94,8 +100,12 @@ class Criu:
         with self._locks_lock:
             return self._dumps_by_cwd.setdefault(cwd, threading.Lock())
 
-    def dump(self, pid: int, images: Path, externals: Externals) -> int:
-        """Checkpoint the tree rooted at `pid` into `images`; return the image size."""
+    def dump(
+        self, pid: int, images: Path, externals: Externals, on_start: OnStart = _nothing
+    ) -> int:
+        """Checkpoint the tree rooted at `pid` into `images`; return the image size.
+
+        `on_start` gets CRIU's pid before CRIU touches the app (for the journal)."""
         images.mkdir(mode=0o700, parents=True, exist_ok=True)
         opts = self._common_opts(images, "dump.log")
         opts.pid = pid
@@ -106,10 +116,10 @@ class Criu:
         with open(fd, "w") as record:
             json.dump(output_pipes(pid), record)
         with self._dump_lock(pid):
-            self._call("dump", opts, images, pass_fds=())
+            self._call("dump", opts, images, pass_fds=(), on_start=on_start)
         return image_bytes(images)
 
-    def restore(self, images: Path, externals: Externals) -> int:
+    def restore(self, images: Path, externals: Externals, on_start: OnStart = _nothing) -> int:
         """Restore the tree saved in `images` as our child; return its root's pid."""
         with ExitStack() as stack:
             opts = self._common_opts(images, "restore.log")
@@ -124,7 +134,7 @@ class Criu:
                 fds.append(externals.output)
                 for key in recorded_output_pipes(images):
                     opts.inherit_fd.add(key=key, fd=externals.output)
-            response = self._call("restore", opts, images, pass_fds=tuple(fds))
+            response = self._call("restore", opts, images, tuple(fds), on_start)
             return int(response.pid)
 
     def _common_opts(self, images: Path, log_file: str) -> Any:
@@ -142,8 +152,16 @@ class Criu:
             setattr(opts, name, value)
         return opts
 
-    def _call(self, op: str, opts: Any, images: Path, pass_fds: tuple[int, ...]) -> Any:
-        with _swrk(self.binary, pass_fds) as sock:
+    def _call(
+        self,
+        op: str,
+        opts: Any,
+        images: Path,
+        pass_fds: tuple[int, ...],
+        on_start: OnStart,
+    ) -> Any:
+        with _swrk(self.binary, pass_fds) as (sock, pid):
+            on_start(pid)
             client = pycriu.criu()
             client.use_fd(sock.fileno())
             client.opts = opts
@@ -156,7 +174,7 @@ class Criu:
 
 
 @contextmanager
-def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[socket.socket]:
+def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[tuple[socket.socket, int]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = subprocess.Popen(
@@ -173,7 +191,7 @@ def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[socket.socket]:
     finally:
         theirs.close()
     try:
-        yield ours
+        yield ours, proc.pid
     finally:
         ours.close()  # criu swrk serves until its socket closes
         proc.wait()

@@ -15,7 +15,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -26,9 +26,11 @@ from activator import events as e
 from activator import preflight
 from activator.config import PodConfig
 from activator.criu import Criu, CriuError, Externals
+from activator.journal import Journal, Operation, wait_for_exit
 from activator.lifecycle import Lifecycle, Phase, Policy
 from activator.probes import ProbeMemory, Verdict
 from activator.proxy import ClientConnection, ProbeDetection, ShadowListener
+from netns.proc import Process
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ CONNECT_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 # How long after a wake the restored image is deleted (off the wake's path).
 IMAGE_DELETE_DELAY = 0.5
+# How long a killed activator's CRIU may take to finish before adoption gives up.
+LEFTOVER_CRIU_TIMEOUT = 300.0
 
 
 class SpawnFailed(Exception):
@@ -106,6 +110,7 @@ class PodDriver:
         self.sandbox = sandbox
         self.criu = criu
         self.state_dir = state_dir
+        self.journal = Journal(state_dir)
         self.images = state_dir / "images"
         self.reporter = reporter
         self.lifecycle = Lifecycle(Policy(scaledown_after=config.scaledown_after))
@@ -131,9 +136,13 @@ class PodDriver:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # the images hold the app's memory
         adopted = False
+        pending = self.journal.pending()
+        if pending is not None and pending.criu is not None:
+            await self._wait_for_leftover_criu(pending.kind, pending.criu)
         leftover = await self.sandbox.leftover()
         if leftover is not None:
-            adopted = await self._adopt(leftover)
+            adopted = await self._adopt(leftover, pending)
+        self.journal.end()
         try:
             await self.sandbox.create()
             detection = self._probe_detection()
@@ -148,20 +157,46 @@ class PodDriver:
         if self.config.close_idle_after is not None:
             self._spawn(self._close_quiet_connections(self.config.close_idle_after))
 
-    async def _adopt(self, leftover: Any) -> bool:
+    async def _wait_for_leftover_criu(self, kind: str, criu: Process) -> None:
+        """A killed activator's CRIU finishes its work before anything is decided."""
+        if not criu.alive():
+            return
+        log.warning(
+            "pod %s: waiting for the %s the killed activator left running (CRIU, pid %d)",
+            self.name,
+            kind,
+            criu.pid,
+        )
+        if not await asyncio.to_thread(wait_for_exit, criu, LEFTOVER_CRIU_TIMEOUT):
+            raise CriuError(
+                f"the CRIU (pid {criu.pid}) of a killed activator still runs after "
+                f"{LEFTOVER_CRIU_TIMEOUT:.0f} s: the pod is left as it is; see its log in "
+                f"{self.state_dir}, end it, then start the activator again"
+            )
+
+    async def _adopt(self, leftover: Any, pending: Operation | None) -> bool:
         """Take over what a killed activator left; True if the app is checkpointed.
 
-        An app still running there (it failed open and serves directly) is
-        checkpointed where it runs; a checkpoint that completed but was not
-        recorded is taken (CRIU writes stats-dump last). If the app cannot be
-        checkpointed, the pod is left as it is, serving, and this raises.
+        A checkpoint that completed but was not recorded is taken (CRIU writes
+        stats-dump last; one made for sealing is sealed now). An app still
+        running there (it failed open and serves directly, a checkpoint
+        failed, or a restore completed) is checkpointed where it runs. If the
+        app cannot be checkpointed, the pod is left as it is, serving, and this
+        raises.
         """
         staging = self.state_dir / "images.new"
+        if pending is not None and pending.kind == "checkpoint":
+            written = Path(pending.images)
+            if written != staging and (written / "stats-dump").exists():
+                await asyncio.to_thread(self._seal, written, staging)
+        if pending is not None and not Path(pending.images).is_relative_to(self.state_dir):
+            shutil.rmtree(pending.images, ignore_errors=True)  # the plaintext of a sealed image
+        if (staging / "stats-dump").exists():
+            self._keep_image(staging)
         if leftover.app_pid is not None:
             log.warning("pod %s: adopting the running app: checkpointing it in place", self.name)
             shutil.rmtree(staging, ignore_errors=True)
             await asyncio.to_thread(self._dump, leftover.app_pid, staging, leftover.externals)
-        if (staging / "stats-dump").exists():
             self._keep_image(staging)
         await self.sandbox.remove_leftover(leftover)
         if not self.images.exists():
@@ -175,33 +210,54 @@ class PodDriver:
         What CRIU cannot dump is found first, without touching the app."""
         if found := preflight.problems(pid):
             raise CriuError("cannot checkpoint: " + "; ".join(found))
-        key = self.config.image_key
-        if key is None:
-            return self.criu.dump(pid, images, externals)
-        from activator import sealed  # cryptography (7 MiB) only for pods that seal
-
-        plain = sealed.PLAIN_ROOT / f"{self.name}.dump"
-        shutil.rmtree(plain, ignore_errors=True)
+        if self.config.image_key is None:
+            return self._criu("checkpoint", images, self.criu.dump, pid, images, externals)
+        plain = self._plain_dir("dump")
         try:
-            size = self.criu.dump(pid, plain, externals)
-            sealed.seal(plain, images, key)
+            size = self._criu("checkpoint", plain, self.criu.dump, pid, plain, externals)
+            self._seal(plain, images)
             return size
         finally:
             shutil.rmtree(plain, ignore_errors=True)
 
     def _restore_from_images(self) -> int:
+        externals = self.sandbox.externals()
         key = self.config.image_key
         if key is None:
-            return self.criu.restore(self.images, self.sandbox.externals())
+            return self._criu("restore", self.images, self.criu.restore, self.images, externals)
         from activator import sealed
 
-        plain = sealed.PLAIN_ROOT / f"{self.name}.restore"
-        shutil.rmtree(plain, ignore_errors=True)
+        plain = self._plain_dir("restore")
         try:
             sealed.unseal(self.images, plain, key)
-            return self.criu.restore(plain, self.sandbox.externals())
+            return self._criu("restore", plain, self.criu.restore, plain, externals)
         finally:
             shutil.rmtree(plain, ignore_errors=True)
+
+    def _criu(self, kind: str, images: Path, call: Callable[..., int], *args: Any) -> int:
+        """A CRIU call, journaled while it runs."""
+        self.journal.begin(kind, images)
+        try:
+            return call(*args, on_start=self.journal.criu_started)
+        finally:
+            self.journal.end()
+
+    def _plain_dir(self, purpose: str) -> Path:
+        from activator import sealed  # cryptography (7 MiB) only for pods that seal
+
+        plain = sealed.PLAIN_ROOT / f"{self.name}.{purpose}"
+        shutil.rmtree(plain, ignore_errors=True)
+        return plain
+
+    def _seal(self, plain: Path, images: Path) -> None:
+        from activator import sealed
+
+        if self.config.image_key is None:
+            raise sealed.SealError(
+                f"pod {self.name}: an image in {plain} waits to be sealed: "
+                "start the activator with the same --image-key"
+            )
+        sealed.seal(plain, images, self.config.image_key)
 
     def _keep_image(self, staging: Path) -> None:
         """The new image replaces the old one only once it is complete."""

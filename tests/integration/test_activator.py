@@ -976,14 +976,22 @@ def test_a_killed_activator_run_again_adopts_its_pod_with_its_state(
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("during", ["checkpointing", "restoring"])
+@pytest.mark.parametrize(
+    ("during", "sealed"),
+    [("checkpointing", False), ("checkpointing", True), ("restoring", False)],
+)
 def test_killed_mid_checkpoint_or_restore_the_app_is_never_lost(
-    activator: StartActivator, during: str
+    activator: StartActivator, tmp_path: Path, during: str, sealed: bool
 ) -> None:
-    """SIGKILL the activator while CRIU works: whatever CRIU then does, the app
-    is afterwards running or completely checkpointed, and the next activator
-    brings it back with its state."""
-    first = activator(hold_mib=256)  # a slow dump and restore: time to be killed in
+    """SIGKILL the activator while CRIU works: the CRIU it leaves finishes, the
+    next activator waits for it (the journal names it), and then finds the app
+    running or completely checkpointed (sealed too), and brings it back with
+    its state."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    image_key = key if sealed else None
+    # a slow dump and restore: time to be killed in
+    first = activator(hold_mib=256, image_key=image_key)
     address = first.address()
     status, _ = request(address, "PUT", "/values/k", body=b"kept")
     assert status == 204
@@ -1003,8 +1011,15 @@ def test_killed_mid_checkpoint_or_restore_the_app_is_never_lost(
         first.killed = True
         os.kill(first.pid, signal.SIGKILL)
     first.proc.wait(10)
-    second = activator(name=first.name, state_dir=first.state_dir, adopting=True, hold_mib=256)
+    second = activator(
+        name=first.name,
+        state_dir=first.state_dir,
+        adopting=True,
+        hold_mib=256,
+        image_key=image_key,
+    )
     second.wait_for("scaled-down", timeout=START_TIMEOUT)
+    assert not (second.state_dir / second.name / "operation.json").exists()
     after = get_state(second.address())
     assert after["boot_id"] == before["boot_id"]
     assert after["values"] == {"k": "kept"}

@@ -24,7 +24,7 @@ import uvloop
 
 from activator import commands as c
 from activator.config import PodConfig
-from activator.criu import CriuError, Externals
+from activator.criu import CriuError, Externals, OnStart
 from activator.pod import PodDriver, SpawnFailed
 
 # A server whose protocol has the server speak first (as MySQL's or SMTP's).
@@ -112,14 +112,16 @@ class FakeCriu:
         self.restore_error: str | None = None
         self.dumps = 0
 
-    def dump(self, pid: int, images: Path, externals: Externals) -> int:
+    def dump(self, pid: int, images: Path, externals: Externals, on_start: OnStart) -> int:
+        on_start(os.getpid())  # no CRIU process here: the journal names ours
         images.mkdir(parents=True)
         (images / "pages-1.img").write_bytes(b"x" * 100)
         os.kill(pid, signal.SIGKILL)
         self.dumps += 1
         return 100
 
-    def restore(self, images: Path, externals: Externals) -> int:
+    def restore(self, images: Path, externals: Externals, on_start: OnStart) -> int:
+        on_start(os.getpid())
         if self.restore_error:
             raise CriuError(self.restore_error)
         assert (images / "pages-1.img").exists()
