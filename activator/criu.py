@@ -24,10 +24,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pycriu
 
@@ -51,7 +51,8 @@ class Externals:
 
     # kind ("net", "pid") -> an ns file such as /proc/PAUSE/ns/net
     namespaces: Mapping[str, Path]
-    # the write end of the pipe the restored app's stdout and stderr go to
+    # the write end of the pipe the restored app's stdout and stderr go to:
+    # ours (passed to CRIU), or 1 or 2: CRIU's own (a holder's, see sidecar.py)
     output: int | None = None
 
 
@@ -70,6 +71,38 @@ def _nothing(pid: int) -> None:
     pass
 
 
+class Launcher(Protocol):
+    """How `criu swrk` is started, and how it names our paths."""
+
+    def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
+        """Run `criu swrk` with `pass_fds` at the same numbers; its socket and pid."""
+        ...
+
+    def path(self, ours: Path) -> str:
+        """The name CRIU (maybe in other namespaces) knows `ours` by."""
+        ...
+
+    def work_dir(self, images: Path) -> tuple[str, Path] | None:
+        """Where CRIU works and logs (its name, ours); None: in `images`."""
+        ...
+
+
+class LocalLauncher:
+    """CRIU as our child, in our namespaces."""
+
+    def __init__(self, binary: Path) -> None:
+        self.binary = binary
+
+    def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
+        return _swrk(self.binary, pass_fds)
+
+    def path(self, ours: Path) -> str:
+        return str(ours)
+
+    def work_dir(self, images: Path) -> tuple[str, Path] | None:
+        return None
+
+
 def find_criu() -> Path:
     """The criu that scripts/setup installed next to this Python, else PATH's."""
     candidates = [Path(sys.prefix) / "bin" / "criu"]
@@ -82,9 +115,12 @@ def find_criu() -> Path:
 
 
 class Criu:
-    def __init__(self, binary: Path, options: CriuOptions | None = None) -> None:
+    def __init__(
+        self, binary: Path, options: CriuOptions | None = None, launcher: Launcher | None = None
+    ) -> None:
         self.binary = binary
         self.options = options or CriuOptions()
+        self.launcher = launcher or LocalLauncher(binary)
         self._dumps_by_cwd: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -131,7 +167,8 @@ class Criu:
                 fds.append(fd)
                 opts.inherit_fd.add(key=f"pod-{kind}", fd=fd)
             if externals.output is not None:
-                fds.append(externals.output)
+                if externals.output > 2:  # 0-2 are CRIU's own
+                    fds.append(externals.output)
                 for key in recorded_output_pipes(images):
                     opts.inherit_fd.add(key=key, fd=externals.output)
             response = self._call("restore", opts, images, tuple(fds), on_start)
@@ -139,8 +176,10 @@ class Criu:
 
     def _common_opts(self, images: Path, log_file: str) -> Any:
         opts = pycriu.rpc.criu_opts(images_dir_fd=-1)
-        opts.images_dir = str(images)
+        opts.images_dir = self.launcher.path(images)
         opts.log_file = log_file
+        if work := self.launcher.work_dir(images):
+            opts.work_dir = work[0]
         opts.log_level = self.options.log_level
         # The activator keeps serving the pod's network during the dump: no lock.
         opts.network_lock = pycriu.rpc.SKIP
@@ -160,7 +199,7 @@ class Criu:
         pass_fds: tuple[int, ...],
         on_start: OnStart,
     ) -> Any:
-        with _swrk(self.binary, pass_fds) as (sock, pid):
+        with self.launcher.swrk(pass_fds) as (sock, pid):
             on_start(pid)
             client = pycriu.criu()
             client.use_fd(sock.fileno())
@@ -168,9 +207,9 @@ class Criu:
             try:
                 return getattr(client, op)()
             except pycriu.CRIUException as exc:
-                raise CriuError(
-                    f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}"
-                ) from exc
+                work = self.launcher.work_dir(images)
+                log = (work[1] if work else images) / opts.log_file
+                raise CriuError(f"criu {op} failed: {exc}{log_tail(log)}") from exc
 
 
 @contextmanager

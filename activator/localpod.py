@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from activator.children import child_exit, stop_child
 from activator.config import PodConfig
 from activator.criu import Externals
 from activator.pod import SpawnFailed
@@ -144,6 +145,12 @@ class LocalSandbox:
             )
         except SpawnError as exc:
             raise SpawnFailed(str(exc)) from exc
+
+    def app_exit(self, pid: int) -> asyncio.Future[int]:
+        return child_exit(pid)
+
+    async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
+        await stop_child(pid, ended)
 
     def externals(self) -> Externals:
         assert self.pause is not None

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -36,10 +35,10 @@ log = logging.getLogger(__name__)
 
 # How long a forwarded connection waits for a cold-started app to listen.
 CONNECT_TIMEOUT = 30.0
-# How long the app gets to exit after SIGTERM when the pod stops.
-STOP_GRACE = 5.0
 # How long after a wake the restored image is deleted (off the wake's path).
 IMAGE_DELETE_DELAY = 0.5
+# How long the app CRIU killed after a checkpoint may take to be reaped.
+CHECKPOINTED_EXIT_WAIT = 5.0
 # How long a killed activator's CRIU may take to finish before adoption gives up.
 LEFTOVER_CRIU_TIMEOUT = 300.0
 
@@ -68,7 +67,15 @@ class Sandbox(Protocol):
     async def redirect(self, shadow_ports: Mapping[int, int]) -> None: ...
 
     async def spawn_app(self, command: tuple[str, ...]) -> int:
-        """Start the app; return its root pid (our child). Raise SpawnFailed."""
+        """Start the app; return its root pid. Raise SpawnFailed."""
+        ...
+
+    def app_exit(self, pid: int) -> asyncio.Future[int]:
+        """The wait status of the app's root `pid` (started or restored), once it ends."""
+        ...
+
+    async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
+        """End the app (or let it go on, where the sandbox owns its end)."""
         ...
 
     def externals(self) -> Externals: ...
@@ -391,26 +398,18 @@ class PodDriver:
         self.feed(e.AppStarted(self._loop.time()))
 
     def _watch(self, pid: int) -> None:
-        """Reap `pid` (our child) when it exits; report it if it is still the app."""
+        """Follow the app's root `pid` until it ends; report that if it is still the app."""
         self.app_pid = pid
-        pidfd = os.pidfd_open(pid)
-        exit_status: asyncio.Future[int] = self._loop.create_future()
-        self._exits[pid] = exit_status
+        ended = self.sandbox.app_exit(pid)
+        self._exits[pid] = ended
 
-        def exited() -> None:
-            self._loop.remove_reader(pidfd)
-            os.close(pidfd)
-            try:
-                _, status = os.waitpid(pid, 0)
-            except ChildProcessError:  # reaped by the sandbox's teardown
-                status = 0
+        def exited(ended: asyncio.Future[int]) -> None:
             del self._exits[pid]
-            exit_status.set_result(status)
-            if pid == self.app_pid:
+            if pid == self.app_pid and not ended.cancelled():
                 self.app_pid = None
-                self.feed(e.AppExited(self._loop.time(), describe_wait_status(status)))
+                self.feed(e.AppExited(self._loop.time(), describe_wait_status(ended.result())))
 
-        self._loop.add_reader(pidfd, exited)
+        ended.add_done_callback(exited)
 
     async def _checkpoint(self) -> None:
         staging = self.state_dir / "images.new"
@@ -428,7 +427,7 @@ class PodDriver:
         ms = (time.monotonic() - started) * 1000
         # CRIU killed the app; reap it before anything (a restore) wants its pid.
         with contextlib.suppress(TimeoutError, KeyError):
-            await asyncio.wait_for(asyncio.shield(self._exits[pid]), STOP_GRACE)
+            await asyncio.wait_for(asyncio.shield(self._exits[pid]), CHECKPOINTED_EXIT_WAIT)
         self._keep_image(staging)
         if self.app_pid == pid:
             self.app_pid = None
@@ -479,13 +478,7 @@ class PodDriver:
         if pid is None:
             return
         self.app_pid = None  # an exit from here on is ours, not news
-        exit_status = self._exits[pid]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, sig)  # the app leads its own session and group
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exit_status), STOP_GRACE)
-                return
+        await self.sandbox.stop_app(pid, self._exits[pid])
 
     async def _remove_everything(self) -> None:
         for conn in list(self.connections.values()):

@@ -23,6 +23,7 @@ from typing import Any
 import uvloop
 
 from activator import commands as c
+from activator.children import child_exit, stop_child
 from activator.config import PodConfig
 from activator.criu import CriuError, Externals, OnStart
 from activator.pod import PodDriver, SpawnFailed
@@ -97,6 +98,12 @@ class FakeSandbox:
         if self.spawn_error:
             raise SpawnFailed(self.spawn_error)
         return spawn_app(command[0], int(command[-1]))
+
+    def app_exit(self, pid: int) -> asyncio.Future[int]:
+        return child_exit(pid)
+
+    async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
+        await stop_child(pid, ended)
 
     def externals(self) -> Externals:
         return Externals({})
