@@ -15,7 +15,9 @@ annotations.py); it then gets:
 - for each managed container, the holder as its first process:
   `command: [/pod-activator/bin/holder, --name, NAME, --, CMD..., ARGS...]`.
   The holder stays while the app is checkpointed, so the container runtime
-  never sees the container's first process exit.
+  never sees the container's first process exit. CRIU runs there too, as
+  the holder's child, so the container also gets the capabilities CRIU
+  needs (CRIU_CAPABILITIES) and unconfined seccomp and AppArmor profiles.
 
 It never half-injects: when the pod cannot be managed safely (a bad
 annotation; a managed container without `command:`, whose image entrypoint
@@ -56,42 +58,45 @@ _ZEROPOD_KEYS = (
     pod_annotations.DISABLE_PROBE_DETECTION,
 )
 
-# The sidecar's capabilities, each with the reason it is needed; every other
-# capability is dropped. deploy/README.md repeats this table for operators.
-# CRIU's restorer can only give a restored task capabilities it holds itself
-# (capset never adds to the permitted set), so the sidecar also holds the
-# container runtime's default set, which an app running as root has, and any
-# capability a managed container adds.
-CAPABILITIES: Mapping[str, str] = {
+# Capabilities, each with the reason it is needed. CRIU runs where the app
+# runs: the sidecar has the holder start it as the holder's child, inside the
+# managed container (its mount namespace and cgroup; a restored app is then
+# the holder's child again), so CRIU has that container's capabilities,
+# seccomp filter and AppArmor profile, and they are added there. Whatever the
+# app holds, CRIU (in the same container) holds too, so it can give restored
+# tasks their capabilities back. The sidecar keeps only what it does itself.
+# deploy/README.md repeats both tables for operators; a test checks it.
+CRIU_CAPABILITIES: Mapping[str, str] = {
     "CHECKPOINT_RESTORE": "CRIU: restore tasks with their own pids (clone3 set_tid), "
     "read /proc/PID/map_files, set the restored exe link",
     "SYS_PTRACE": "CRIU: seize the app's tasks and read their memory (ptrace, "
     "process_vm_readv, kcmp) whatever their uid",
-    "SYS_ADMIN": "CRIU: setns into the app container's mount namespace, its own /proc "
-    "mount, restoring namespaces, fanotify and other kernel objects",
-    "SYS_CHROOT": "setns into another mount namespace needs it (setns(2)); CRIU "
-    "restores the app's root directory",
+    "SYS_ADMIN": "CRIU: its own /proc and tmpfs mounts in the work dir, restoring "
+    "namespaces' state, fanotify and other kernel objects",
     "SYS_RESOURCE": "CRIU: read and restore rlimits of tasks of another uid (prlimit), "
     "prctl(PR_SET_MM) on restore",
-    "NET_ADMIN": "nftables: the redirect of the app's ports in the pod's network "
-    "namespace; CRIU: TCP_REPAIR for live TCP connections",
-    "KILL": "signal the app's processes whatever their uid (stop before a dump, "
-    "end them on teardown)",
+    "NET_ADMIN": "CRIU: TCP_REPAIR, to dump and restore the app's TCP sockets",
+    "DAC_READ_SEARCH": "CRIU: open_by_handle_at for inotify and fanotify watches",
+    # In the runtime's default set; listed so that a container that drops
+    # them (drop: [ALL]) still gets them, since CRIU cannot do without.
     "SETUID": "CRIU: restored tasks get their uids back",
     "SETGID": "CRIU: restored tasks get their gids and groups back",
     "SETPCAP": "CRIU: restored tasks get their capability bounding set back",
+    "KILL": "CRIU: stop and end the app's tasks whatever their uid",
     "DAC_OVERRIDE": "CRIU: open and recreate the app's files whatever their owner and mode",
-    "DAC_READ_SEARCH": "CRIU: open_by_handle_at for inotify and fanotify watches",
     "FOWNER": "CRIU: restore modes and times of files it recreates (ghost files, "
     "unix socket files) owned by another uid",
     "CHOWN": "CRIU: give recreated files back their owners",
-    "FSETID": "CRIU: keep setuid/setgid bits on files it restores; in the runtime's default set",
-    "MKNOD": "in the runtime's default set: a root app holds it, and CRIU gives it back",
-    "NET_RAW": "in the runtime's default set: a root app holds it, and CRIU gives it back",
-    "NET_BIND_SERVICE": "in the runtime's default set: a root app (Apache, nginx) holds it, "
-    "and CRIU gives it back",
-    "AUDIT_WRITE": "in the runtime's default set: a root app holds it, and CRIU gives it back",
-    "SETFCAP": "in the runtime's default set: a root app holds it, and CRIU gives it back",
+    "FSETID": "CRIU: keep setuid/setgid bits on files it recreates",
+    "SYS_CHROOT": "CRIU: restore the tasks' root directories",
+}
+SIDECAR_CAPABILITIES: Mapping[str, str] = {
+    "NET_ADMIN": "nftables: the table that moves the app's ports behind the activator, "
+    "in the pod's network namespace",
+    "SYS_ADMIN": "setns into the pod's network namespace, for the thread that owns "
+    "the nft table (setns needs it even into the namespace one is in)",
+    "SYS_PTRACE": "read /proc/PID of the app's processes whatever their uid "
+    "(pre-flight before a checkpoint: their open files, io_uring)",
 }
 
 # How a kind nests its pod template.
@@ -237,6 +242,7 @@ def _clashes(
     spec: Mapping[str, Any], apps: list[dict[str, Any]], options: Options
 ) -> Iterable[FieldError]:
     """What in the pod keeps the sidecar from managing it, each with the fix."""
+    pod_security = spec.get("securityContext") or {}
     if spec.get("hostPID"):
         yield FieldError(
             "spec.hostPID",
@@ -269,12 +275,35 @@ def _clashes(
                 "set command: (and args:) in the pod spec to what the image runs, "
                 "e.g. command: [docker-entrypoint.sh, apache2-foreground]",
             )
-        if (app.get("securityContext") or {}).get("privileged"):
+        security = app.get("securityContext") or {}
+        if security.get("privileged"):
             yield FieldError(
                 f"{field}.securityContext.privileged",
-                "is true: CRIU could not give a privileged container its capabilities back",
-                "run the container unprivileged with the capabilities it needs, "
-                "or do not manage it",
+                "is true, and the activator manages unprivileged containers only",
+                "run it unprivileged with the capabilities it needs, or do not manage it",
+            )
+        user = security.get("runAsUser", pod_security.get("runAsUser"))
+        if (user is not None and user != 0) or security.get(
+            "runAsNonRoot", pod_security.get("runAsNonRoot")
+        ):
+            yield FieldError(
+                f"{field}.securityContext.runAsUser",
+                "is not root, and CRIU runs in this container (as the holder's child) as root",
+                "leave the container's user to its image; entrypoints like the official "
+                "images' drop to their own user for the app",
+            )
+        if security.get("allowPrivilegeEscalation") is False:
+            yield FieldError(
+                f"{field}.securityContext.allowPrivilegeEscalation",
+                "is false, which the API refuses with CAP_SYS_ADMIN, which CRIU needs here",
+                "remove it",
+            )
+        dropped = {_cap(c) for c in (security.get("capabilities") or {}).get("drop") or []}
+        if needed := sorted(dropped & set(CRIU_CAPABILITIES)):
+            yield FieldError(
+                f"{field}.securityContext.capabilities.drop",
+                f"drops {', '.join(needed)}, which CRIU needs in this container",
+                "drop ALL instead (the activator adds back what CRIU needs) or keep them",
             )
         if any(m.get("mountPath") == SHARED_PATH for m in app.get("volumeMounts") or []):
             yield FieldError(
@@ -293,6 +322,29 @@ def _hold(container: dict[str, Any]) -> None:
         *(container.get("volumeMounts") or []),
         {"name": SHARED_VOLUME, "mountPath": SHARED_PATH},
     ]
+    security = container.setdefault("securityContext", {})
+    caps = security.setdefault("capabilities", {})
+    added = [_cap(c) for c in caps.get("add") or []]
+    caps["add"] = [*added, *(c for c in CRIU_CAPABILITIES if c not in added)]
+    security.update(_UNCONFINED)
+
+
+def _cap(name: object) -> str:
+    """A capability as Kubernetes names it: "SYS_ADMIN" for "CAP_SYS_ADMIN" or "sys_admin"."""
+    return str(name).upper().removeprefix("CAP_")
+
+
+# CRIU needs syscalls the runtime's RuntimeDefault seccomp profile allows only
+# in part (clone3 with set_tid, kcmp, open_by_handle_at, arbitrary personality
+# values, installing the app's own seccomp filters), and AppArmor's default
+# profile denies mounts and ptrace across profiles. Filters and profiles are
+# inherited, so they are lifted where CRIU runs, and in the sidecar, which
+# reads the app's /proc entries. Neither container is privileged: no host
+# devices, /proc and /sys stay masked.
+_UNCONFINED: Mapping[str, Any] = {
+    "seccompProfile": {"type": "Unconfined"},
+    "appArmorProfile": {"type": "Unconfined"},
+}
 
 
 def _volumes() -> list[dict[str, Any]]:
@@ -308,19 +360,6 @@ def _volumes() -> list[dict[str, Any]]:
             },
         },
     ]
-
-
-def capabilities(apps: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The sidecar's capabilities: CRIU's and nftables' needs, the runtime's
-    default set, and whatever a managed container adds (CRIU gives it back)."""
-    caps = list(CAPABILITIES)
-    for app in apps:
-        added = ((app.get("securityContext") or {}).get("capabilities") or {}).get("add") or []
-        for cap in added:
-            cap = str(cap).upper().removeprefix("CAP_")
-            if cap not in caps:
-                caps.append(cap)
-    return caps
 
 
 def _sidecar(apps: list[dict[str, Any]], options: Options) -> dict[str, Any]:
@@ -362,19 +401,12 @@ def _sidecar(apps: list[dict[str, Any]], options: Options) -> dict[str, Any]:
         # Requests only: a memory limit could kill the sidecar mid-restore.
         "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}},
         "securityContext": {
-            # CRIU runs as root: it recreates tasks of any uid.
+            # Root: nft, setns and the app's /proc entries.
             "runAsUser": 0,
             "runAsNonRoot": False,
             # allowPrivilegeEscalation stays unset: the API refuses false with SYS_ADMIN.
-            "capabilities": {"drop": ["ALL"], "add": capabilities(apps)},
-            # The runtime's default profiles are written for a container's own
-            # workload: CRIU needs syscalls RuntimeDefault allows only in part
-            # (clone3 with set_tid, kcmp, open_by_handle_at, arbitrary
-            # personality values, installing the app's own seccomp filters),
-            # and AppArmor's default profile denies mounts and ptrace across
-            # profiles. Not privileged: no devices, /proc and /sys stay masked.
-            "seccompProfile": {"type": "Unconfined"},
-            "appArmorProfile": {"type": "Unconfined"},
+            "capabilities": {"drop": ["ALL"], "add": list(SIDECAR_CAPABILITIES)},
+            **_UNCONFINED,
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

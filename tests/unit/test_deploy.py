@@ -269,12 +269,20 @@ def test_the_webhook_fails_open_and_is_opt_in() -> None:
     )
 
 
-def test_every_capability_is_documented_with_its_reason() -> None:
+@pytest.mark.parametrize(
+    ("heading", "table"),
+    [
+        ("### In each managed container", inj.CRIU_CAPABILITIES),
+        ("### In the sidecar", inj.SIDECAR_CAPABILITIES),
+    ],
+)
+def test_every_capability_is_documented_with_its_reason(
+    heading: str, table: dict[str, str]
+) -> None:
     readme = (DEPLOY / "README.md").read_text()
-    for cap in inj.CAPABILITIES:
-        assert re.search(rf"^\| `{cap}` \| .+ \|$", readme, re.MULTILINE), (
-            f"deploy/README.md has no row for {cap}"
-        )
+    section = readme.split(heading, 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", section, re.MULTILINE)
+    assert rows == list(table.items()), f"deploy/README.md {heading!r}: the table differs"
 
 
 def test_images_are_named_without_a_registry_host() -> None:

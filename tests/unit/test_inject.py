@@ -111,6 +111,12 @@ def test_the_injected_pod() -> None:
     ]
     assert "args" not in web
     assert {"name": "pod-activator", "mountPath": "/pod-activator"} in web["volumeMounts"]
+    # CRIU runs in the managed container, as the holder's child
+    assert web["securityContext"] == {
+        "capabilities": {"add": list(inj.CRIU_CAPABILITIES)},
+        "seccompProfile": {"type": "Unconfined"},
+        "appArmorProfile": {"type": "Unconfined"},
+    }
     assert log == {"name": "log", "image": "log:1"}  # not managed: untouched
 
     side = sidecar(spec)
@@ -141,7 +147,8 @@ def test_the_injected_pod() -> None:
     security = side["securityContext"]
     assert "privileged" not in security
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert security["capabilities"]["add"] == list(inj.CAPABILITIES)
+    assert security["capabilities"]["add"] == ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+    assert security["capabilities"]["add"] == list(inj.SIDECAR_CAPABILITIES)
     assert "imagePullPolicy" not in side
 
 
@@ -212,13 +219,20 @@ def test_the_api_servers_token_mount_is_given_to_the_sidecar_too() -> None:
     assert token not in sidecar(inject(pod()).manifest["spec"])["volumeMounts"]
 
 
-def test_capabilities_a_managed_container_adds_are_the_sidecars_too() -> None:
+def test_a_managed_containers_own_capabilities_are_kept() -> None:
     p = pod()
     p["spec"]["containers"][0]["securityContext"] = {
-        "capabilities": {"add": ["IPC_LOCK", "CAP_NET_ADMIN", "sys_nice"]}
+        "capabilities": {"add": ["IPC_LOCK", "CAP_NET_ADMIN"], "drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
     }
-    caps = sidecar(inject(p).manifest["spec"])["securityContext"]["capabilities"]["add"]
-    assert caps == [*inj.CAPABILITIES, "IPC_LOCK", "SYS_NICE"]
+    web = inject(p).manifest["spec"]["containers"][0]
+    security = web["securityContext"]
+    assert security["capabilities"] == {
+        "add": ["IPC_LOCK", "NET_ADMIN", *(c for c in inj.CRIU_CAPABILITIES if c != "NET_ADMIN")],
+        "drop": ["ALL"],
+    }
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "Unconfined"}
 
 
 def test_zeropods_runtime_class_is_replaced() -> None:
@@ -301,6 +315,26 @@ def test_a_container_name_that_is_not_in_the_pod() -> None:
             "spec.containers[web].volumeMounts",
         ),
         (lambda s: s.update(os={"name": "windows"}), "spec.os.name"),
+        (
+            lambda s: s["containers"][0].update(securityContext={"runAsUser": 33}),
+            "spec.containers[web].securityContext.runAsUser",
+        ),
+        (
+            lambda s: s.update(securityContext={"runAsNonRoot": True}),
+            "spec.containers[web].securityContext.runAsUser",
+        ),
+        (
+            lambda s: s["containers"][0].update(
+                securityContext={"allowPrivilegeEscalation": False}
+            ),
+            "spec.containers[web].securityContext.allowPrivilegeEscalation",
+        ),
+        (
+            lambda s: s["containers"][0].update(
+                securityContext={"capabilities": {"drop": ["NET_RAW", "CAP_SYS_CHROOT", "KILL"]}}
+            ),
+            "spec.containers[web].securityContext.capabilities.drop",
+        ),
     ],
 )
 def test_clashes_with_the_pod(change: Any, field: str) -> None:
@@ -308,6 +342,18 @@ def test_clashes_with_the_pod(change: Any, field: str) -> None:
     change(p["spec"])
     reason = skipped(inject(p), p)
     assert reason.startswith(f"{field}: ")
+
+
+def test_root_in_the_container_over_a_non_root_pod_is_fine() -> None:
+    p = pod(securityContext={"runAsUser": 1000, "fsGroup": 1000})
+    p["spec"]["containers"][0]["securityContext"] = {"runAsUser": 0}
+    assert inject(p).status is Status.INJECTED
+
+
+def test_dropped_capabilities_that_criu_does_not_need_are_fine() -> None:
+    p = pod()
+    p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"drop": ["NET_RAW"]}}
+    assert inject(p).status is Status.INJECTED
 
 
 def test_a_fixed_pod_loses_the_old_reason() -> None:
