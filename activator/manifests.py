@@ -12,38 +12,47 @@ it (YAML 1.1); comments are not kept.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-import yaml
+from typing import TYPE_CHECKING, Any, TextIO
 
 from activator.inject import DEFAULT_IMAGE, METRICS_PORT, Injection, Options, Status, inject
 
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+if TYPE_CHECKING:
+    import yaml
+
+# PyYAML is imported when a command reads or writes YAML, not when the CLI
+# defines its parser: every `activator` process (the sidecar too) builds it.
 
 
 class ManifestError(Exception):
     """Input that is not YAML manifests; the message names the file and where."""
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block style throughout; scripts (multi-line strings) as literal blocks."""
+@functools.cache
+def _yaml() -> tuple[type[yaml.SafeLoader], type[yaml.SafeDumper]]:
+    import yaml
 
+    class Dumper(yaml.SafeDumper):
+        """Block style throughout; scripts (multi-line strings) as literal blocks."""
 
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+    def represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
-
-_Dumper.add_representer(str, _str)
+    Dumper.add_representer(str, represent_str)
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader), Dumper
 
 
 def load(text: str, source: str) -> list[Any]:
     """The documents of a multi-document YAML text; empty ones dropped."""
+    import yaml
+
+    loader, _ = _yaml()
     try:
-        docs = list(yaml.load_all(text, Loader=_Loader))
+        docs = list(yaml.load_all(text, Loader=loader))
     except yaml.YAMLError as exc:
         where = ""
         if (mark := getattr(exc, "problem_mark", None)) is not None:
@@ -53,8 +62,11 @@ def load(text: str, source: str) -> list[Any]:
 
 
 def dump(docs: Sequence[Any]) -> str:
+    import yaml
+
+    _, dumper = _yaml()
     return "---\n".join(
-        yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+        yaml.dump(doc, Dumper=dumper, sort_keys=False, default_flow_style=False, width=1000)
         for doc in docs
     )
 

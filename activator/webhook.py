@@ -30,7 +30,6 @@ from typing import Any
 
 import h11
 
-from activator import certs
 from activator.inject import DEFAULT_IMAGE, METRICS_PORT, Options, Status, inject
 
 log = logging.getLogger(__name__)
@@ -360,6 +359,8 @@ async def serve(
 
 
 def run_webhook_cert(args: argparse.Namespace) -> int:
+    from activator import certs  # cryptography: only for this command (7 MiB otherwise)
+
     names = certs.service_dns_names(args.service, args.namespace)
     try:
         certs.write(certs.make(names, args.days), args.out)
