@@ -389,7 +389,9 @@ def _sidecar(apps: list[dict[str, Any]], options: Options) -> dict[str, Any]:
                 ("POD_NAMESPACE", "metadata.namespace"),
                 ("POD_IP", "status.podIP"),
             )
-        ],
+        ]
+        # where to serve the metrics: the port below, which --metrics-port may move
+        + [{"name": "POD_ACTIVATOR_METRICS_PORT", "value": str(options.metrics_port)}],
         "ports": [{"name": "metrics", "containerPort": options.metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
         # App containers start only once this passes: the holder is in place.

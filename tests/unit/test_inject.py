@@ -137,11 +137,14 @@ def test_the_injected_pod() -> None:
     } in side["volumeMounts"]
     assert {"name": "pod-activator", "mountPath": "/pod-activator"} in side["volumeMounts"]
     assert side["startupProbe"]["exec"]["command"] == ["test", "-x", "/pod-activator/bin/holder"]
-    env = {v["name"]: v["valueFrom"]["fieldRef"]["fieldPath"] for v in side["env"]}
+    env = {
+        v["name"]: v.get("value") or v["valueFrom"]["fieldRef"]["fieldPath"] for v in side["env"]
+    }
     assert env == {
         "POD_NAME": "metadata.name",
         "POD_NAMESPACE": "metadata.namespace",
         "POD_IP": "status.podIP",
+        "POD_ACTIVATOR_METRICS_PORT": "9464",
     }
     assert side["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
     security = side["securityContext"]
@@ -245,6 +248,12 @@ def test_zeropods_runtime_class_is_replaced() -> None:
     )
     other = inject(pod(runtimeClassName="gvisor")).manifest["spec"]
     assert other["runtimeClassName"] == "gvisor"
+
+
+def test_another_metrics_port_is_told_to_the_sidecar() -> None:
+    side = sidecar(inject(pod(), Options(metrics_port=19464)).manifest["spec"])
+    assert side["ports"] == [{"name": "metrics", "containerPort": 19464, "protocol": "TCP"}]
+    assert {"name": "POD_ACTIVATOR_METRICS_PORT", "value": "19464"} in side["env"]
 
 
 def test_image_pull_policy_when_asked() -> None:
