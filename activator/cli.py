@@ -9,12 +9,12 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from activator import annotations as pod_annotations
-from activator.config import ConfigError, FieldError, PodConfig, parse_duration, pod_config
+from activator.config import ConfigError, FieldError, parse_duration, pod_config
 from activator.control import AGENTS_DIR, ControlError, agent_sockets, ask, find_pod
 from activator.criu import CriuError
 from netns.errors import NetnsError
@@ -145,9 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a local pod under an activator: run [flags] -- CMD [ARG ...]"
     )
     _pod_flags(run)
-    run.add_argument(
-        "--events", metavar="FILE", help="write one JSON line per event to FILE (- for stdout)"
+
+    sidecar = sub.add_parser(
+        "sidecar", help="run as the Kubernetes sidecar of the pod we are in (see README)"
     )
+    sidecar.add_argument(
+        "--podinfo",
+        type=Path,
+        default=Path("/etc/pod-activator/podinfo"),
+        help="the Downward API volume holding the pod's `annotations`",
+    )
+    sidecar.add_argument(
+        "--shared",
+        type=Path,
+        default=Path("/pod-activator"),
+        help="the volume shared with the app containers (holder, its socket, images)",
+    )
+    for cmd in (run, sidecar):
+        cmd.add_argument(
+            "--events", metavar="FILE", help="write one JSON line per event to FILE (- for stdout)"
+        )
     run.add_argument(
         "--state-dir", type=Path, default=DEFAULT_STATE_ROOT, help="where checkpoints are kept"
     )
@@ -209,7 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "run":
             assert config is not None
-            return _run(args, config)
+            from activator.runtime import serve
+
+            return _serve(args, lambda events: serve([config], args.state_dir, events))
+        if args.cmd == "sidecar":
+            from activator import sidecar
+
+            return _serve(args, lambda events: sidecar.serve(args.podinfo, args.shared, events))
         if args.cmd == "add":
             assert config is not None
             return _add(settings)
@@ -228,21 +251,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, config: PodConfig) -> int:
+def _serve(args: argparse.Namespace, serve: Callable[[TextIO | None], Any]) -> int:
     if os.geteuid() != 0:
         print(
-            "activator: error: run needs root (network namespaces, nftables, CRIU)", file=sys.stderr
+            f"activator: error: {args.cmd} needs root (network namespaces, nftables, CRIU)",
+            file=sys.stderr,
         )
         return 1
-    from activator.runtime import serve
-
     events: TextIO | None = None
     if args.events == "-":
         events = sys.stdout
     elif args.events:
         events = open(args.events, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
     try:
-        return asyncio_run(serve([config], args.state_dir, events))
+        return asyncio_run(serve(events))
     finally:
         if events is not None and events is not sys.stdout:
             events.close()

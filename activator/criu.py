@@ -51,8 +51,7 @@ class Externals:
 
     # kind ("net", "pid") -> an ns file such as /proc/PAUSE/ns/net
     namespaces: Mapping[str, Path]
-    # the write end of the pipe the restored app's stdout and stderr go to:
-    # ours (passed to CRIU), or 1 or 2: CRIU's own (a holder's, see sidecar.py)
+    # the write end of the pipe the restored app's stdout and stderr go to
     output: int | None = None
 
 
@@ -82,10 +81,6 @@ class Launcher(Protocol):
         """The name CRIU (maybe in other namespaces) knows `ours` by."""
         ...
 
-    def work_dir(self, images: Path) -> tuple[str, Path] | None:
-        """Where CRIU works and logs (its name, ours); None: in `images`."""
-        ...
-
 
 class LocalLauncher:
     """CRIU as our child, in our namespaces."""
@@ -98,9 +93,6 @@ class LocalLauncher:
 
     def path(self, ours: Path) -> str:
         return str(ours)
-
-    def work_dir(self, images: Path) -> tuple[str, Path] | None:
-        return None
 
 
 def find_criu() -> Path:
@@ -123,6 +115,12 @@ class Criu:
         self.launcher = launcher or LocalLauncher(binary)
         self._dumps_by_cwd: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+
+    def using(self, launcher: Launcher) -> Criu:
+        """The same CRIU, started by `launcher` (dump locks shared)."""
+        other = Criu(self.binary, self.options, launcher)
+        other._dumps_by_cwd, other._locks_lock = self._dumps_by_cwd, self._locks_lock
+        return other
 
     def _dump_lock(self, pid: int) -> threading.Lock:
         """One dump at a time per working directory: CRIU's parasite makes a
@@ -167,8 +165,7 @@ class Criu:
                 fds.append(fd)
                 opts.inherit_fd.add(key=f"pod-{kind}", fd=fd)
             if externals.output is not None:
-                if externals.output > 2:  # 0-2 are CRIU's own
-                    fds.append(externals.output)
+                fds.append(externals.output)
                 for key in recorded_output_pipes(images):
                     opts.inherit_fd.add(key=key, fd=externals.output)
             response = self._call("restore", opts, images, tuple(fds), on_start)
@@ -178,8 +175,6 @@ class Criu:
         opts = pycriu.rpc.criu_opts(images_dir_fd=-1)
         opts.images_dir = self.launcher.path(images)
         opts.log_file = log_file
-        if work := self.launcher.work_dir(images):
-            opts.work_dir = work[0]
         opts.log_level = self.options.log_level
         # The activator keeps serving the pod's network during the dump: no lock.
         opts.network_lock = pycriu.rpc.SKIP
@@ -207,9 +202,9 @@ class Criu:
             try:
                 return getattr(client, op)()
             except pycriu.CRIUException as exc:
-                work = self.launcher.work_dir(images)
-                log = (work[1] if work else images) / opts.log_file
-                raise CriuError(f"criu {op} failed: {exc}{log_tail(log)}") from exc
+                raise CriuError(
+                    f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}"
+                ) from exc
 
 
 @contextmanager

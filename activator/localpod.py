@@ -51,6 +51,8 @@ class Leftover:
 
 
 class LocalSandbox:
+    criu_launcher = None  # CRIU is our child, in the host's namespaces
+
     def __init__(self, config: PodConfig) -> None:
         self.name = config.name
         self.address = ""

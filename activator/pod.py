@@ -24,7 +24,7 @@ from activator import commands as c
 from activator import events as e
 from activator import preflight
 from activator.config import PodConfig
-from activator.criu import Criu, CriuError, Externals
+from activator.criu import Criu, CriuError, Externals, Launcher
 from activator.journal import Journal, Operation, wait_for_exit
 from activator.lifecycle import Lifecycle, Phase, Policy
 from activator.probes import ProbeMemory, Verdict
@@ -80,6 +80,11 @@ class Sandbox(Protocol):
 
     def externals(self) -> Externals: ...
 
+    @property
+    def criu_launcher(self) -> Launcher | None:
+        """How CRIU is started for this sandbox; None: as our child."""
+        ...
+
     async def destroy(self) -> None: ...
 
 
@@ -115,7 +120,7 @@ class PodDriver:
         self.config = config
         self.name = config.name
         self.sandbox = sandbox
-        self.criu = criu
+        self.criu = criu if sandbox.criu_launcher is None else criu.using(sandbox.criu_launcher)
         self.state_dir = state_dir
         self.journal = Journal(state_dir)
         self.images = state_dir / "images"

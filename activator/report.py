@@ -29,14 +29,17 @@ class EventLog:
         self.stream = stream
 
     def report(self, pod: PodDriver, report: c.Report) -> None:
-        log.log(_LEVELS[report.level], "pod %s: %s", pod.name, report.message)
+        self.write(pod.name, pod.lifecycle.phase.value, report)
+
+    def write(self, pod: str, phase: str, report: c.Report) -> None:
+        log.log(_LEVELS[report.level], "pod %s: %s", pod, report.message)
         if self.stream is None:
             return
         line: dict[str, object] = {
             "time": round(time.time(), 3),
-            "pod": pod.name,
+            "pod": pod,
             "event": report.event,
-            "phase": pod.lifecycle.phase.value,
+            "phase": phase,
             "message": report.message,
         }
         # Details never overwrite the fields every line has.

@@ -14,10 +14,13 @@
  *
  *   manage              -> "app PID"   the sidecar now decides about app exits
  *   start               -> "app PID"   start the app again (a cold start)
- *   exec ARGV... +fds   -> "exec PID"  run ARGV here (CRIU, in the container's
+ *   exec N,M.. ARGV +fds -> "exec PID" run ARGV here (CRIU, in the container's
  *                                      namespaces and cgroup) with the passed
- *                                      fds as 3, 4, ...; a restored app is
- *                                      then our child (CRIU's restore-sibling)
+ *                                      fds at numbers N, M, ...; a restored app
+ *                                      is then our child (restore-sibling)
+ *   adopt PID           -> "app PID"   PID is the app now (CRIU restored it
+ *                                      as our child); if it ended already,
+ *                                      "exited" follows at once
  *   exit STATUS         -> the app really ended: exit with STATUS
  *   release             -> unmanaged again: the next app exit ends the holder
  *
@@ -50,6 +53,12 @@
 #define MAX_ARGS 64
 
 static char **app_argv;
+/* The app's stdout and stderr: FIFOs in the control directory, relayed by us
+ * to ours (the container's log). CRIU reopens a FIFO by its path at restore,
+ * so a restored app writes to the log again; an inherited pipe would need
+ * CRIU's inherit-fd, which fails when CRIU runs inside the container. */
+static char out_path[2][108];
+static int out_read[2] = {-1, -1};
 static pid_t app_pid;
 static int managed;
 static int stopping;
@@ -73,23 +82,35 @@ static int exit_code(int status)
 	return WEXITSTATUS(status);
 }
 
-/* Fork a child with the default signal state that runs argv; fds, if any,
- * become 3, 4, ... in it. */
-static pid_t run(char **argv, const int *fds, int nfds, int new_session)
+/* Fork a child with the default signal state that runs argv; each fds[i]
+ * becomes number targets[i] in it. Every fd of ours is close-on-exec. */
+static pid_t run(char **argv, const int *fds, const int *targets, int nfds, int new_session)
 {
 	pid_t pid = fork();
 	if (pid != 0)
 		return pid;
 	sigprocmask(SIG_UNBLOCK, &handled, NULL);
-	if (new_session)
+	if (new_session) {
 		setsid(); /* the app leads its own session: CRIU dumps a clean tree */
+		for (int i = 0; i < 2; i++) {
+			int fd = out_path[i][0] ? open(out_path[i], O_WRONLY) : -1;
+			if (fd >= 0 && fd != 1 + i) {
+				dup2(fd, 1 + i);
+				close(fd);
+			}
+		}
+	} else {
+		/* CRIU: the container's log is for the app (it gets it passed). */
+		int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+		for (int fd = 0; fd < 3 && null >= 0; fd++)
+			dup2(null, fd);
+	}
 	int moved[MAX_FDS];
-	for (int i = 0; i < nfds; i++) /* above any target number first */
-		moved[i] = fcntl(fds[i], F_DUPFD, 3 + MAX_FDS);
+	for (int i = 0; i < nfds; i++) /* out of the way of every target first */
+		moved[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 1024);
 	for (int i = 0; i < nfds; i++)
-		if (moved[i] < 0 || dup2(moved[i], 3 + i) < 0)
+		if (moved[i] < 0 || dup2(moved[i], targets[i]) < 0)
 			_exit(127);
-	close_range(3 + nfds, ~0U, 0);
 	execvp(argv[0], argv);
 	say("cannot run %s: %s", argv[0], strerror(errno));
 	_exit(127);
@@ -108,25 +129,77 @@ static void reply(const char *fmt, ...)
 	}
 }
 
+/* Make NAME.out and NAME.err; without them the app gets our stdio directly. */
+static void make_outputs(const char *dir, const char *name)
+{
+	static const char *suffix[2] = {"out", "err"};
+	for (int i = 0; i < 2; i++) {
+		snprintf(out_path[i], sizeof out_path[i], "%s/%s.%s", dir, name, suffix[i]);
+		unlink(out_path[i]);
+		if (mkfifo(out_path[i], 0600) < 0) {
+			say("no %s (%s): the app's output will not survive a restore",
+			    out_path[i], strerror(errno));
+			out_path[i][0] = '\0';
+			continue;
+		}
+		out_read[i] = open(out_path[i], O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+		/* A writer of our own: the reader never sees EOF while the app is
+		 * checkpointed, and the app's open for writing never blocks. */
+		open(out_path[i], O_WRONLY | O_CLOEXEC);
+	}
+}
+
+static ssize_t relay(int from, int to)
+{
+	char buf[65536];
+	ssize_t n = read(from, buf, sizeof buf);
+	for (ssize_t done = 0, w; done < n; done += w)
+		if ((w = write(to, buf + done, n - done)) <= 0)
+			return -1; /* the log is gone: nothing to tell it */
+	return n;
+}
+
+/* What the app wrote last reaches the log before we end. */
+static void finish(int code)
+{
+	for (int k = 0; k < 2; k++)
+		while (out_read[k] >= 0 && relay(out_read[k], 1 + k) > 0)
+			;
+	exit(code);
+}
+
 static void start_app(void)
 {
-	app_pid = run(app_argv, NULL, 0, 1);
+	app_pid = run(app_argv, NULL, NULL, 0, 1);
 	if (app_pid < 0) {
 		say("cannot fork the app: %s", strerror(errno));
 		app_pid = 0;
 	}
 }
 
+/* Children that ended and were not the app (CRIU, orphans, or a restored app
+ * not adopted yet): the last few, for `adopt`. */
+#define ENDED 16
+static struct {
+	pid_t pid;
+	int status;
+} ended[ENDED];
+static int ended_next;
+
 static void reap(void)
 {
 	int status;
 	pid_t pid;
 	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-		if (pid != app_pid)
-			continue; /* CRIU, or an orphan we reaped as subreaper */
+		if (pid != app_pid) {
+			ended[ended_next].pid = pid;
+			ended[ended_next].status = status;
+			ended_next = (ended_next + 1) % ENDED;
+			continue;
+		}
 		app_pid = 0;
 		if (!managed || stopping)
-			exit(exit_code(status));
+			finish(exit_code(status));
 		reply("exited %d %d", pid, status);
 	}
 }
@@ -142,7 +215,7 @@ static void on_signal(int sig)
 	if (app_pid > 0)
 		kill(app_pid, sig);
 	else if (stopping)
-		exit(0); /* scaled down, or never started: nothing to wait for */
+		finish(0); /* scaled down, or never started: nothing to wait for */
 }
 
 static void on_request(void)
@@ -185,11 +258,23 @@ static void on_request(void)
 		if (app_pid == 0)
 			start_app();
 		reply("app %d", app_pid);
-	} else if (!strcmp(args[0], "exec") && nargs > 1) {
-		pid_t pid = run(args + 1, fds, nfds, 0);
+	} else if (!strcmp(args[0], "exec") && nargs > 2) {
+		int targets[MAX_FDS], ntargets = 0;
+		for (char *t = strtok(args[1], ","); t && ntargets < MAX_FDS; t = strtok(NULL, ","))
+			targets[ntargets++] = atoi(t);
+		pid_t pid = ntargets == nfds ? run(args + 2, fds, targets, nfds, 0) : -1;
 		reply("exec %d", pid < 0 ? 0 : pid);
+	} else if (!strcmp(args[0], "adopt") && nargs > 1) {
+		app_pid = atoi(args[1]);
+		reply("app %d", app_pid);
+		for (int k = 0; k < ENDED; k++)
+			if (app_pid > 0 && ended[k].pid == app_pid) {
+				ended[k].pid = 0;
+				app_pid = 0;
+				reply("exited %d %d", atoi(args[1]), ended[k].status);
+			}
 	} else if (!strcmp(args[0], "exit") && nargs > 1) {
-		exit(atoi(args[1]));
+		finish(atoi(args[1]));
 	} else {
 		reply("error unknown request %s", args[0]);
 	}
@@ -249,15 +334,20 @@ int main(int argc, char **argv)
 	/* Without a control socket the app still runs, unmanaged, as it would
 	 * without us: a broken sidecar never takes the app down. */
 	int listener = listen_on(dir, name);
+	make_outputs(dir, name);
 	start_app();
 	if (app_pid == 0)
 		return 127;
 
 	for (;;) {
-		struct pollfd fds[3] = {{signals, POLLIN, 0}, {listener, POLLIN, 0},
-					{sidecar, POLLIN, 0}};
-		if (poll(fds, 3, -1) < 0 && errno != EINTR)
+		struct pollfd fds[5] = {{signals, POLLIN, 0}, {listener, POLLIN, 0},
+					{sidecar, POLLIN, 0}, {out_read[0], POLLIN, 0},
+					{out_read[1], POLLIN, 0}};
+		if (poll(fds, 5, -1) < 0 && errno != EINTR)
 			return 1;
+		for (int k = 0; k < 2; k++)
+			if (fds[3 + k].revents & POLLIN)
+				relay(out_read[k], 1 + k);
 		if (fds[0].revents & POLLIN) {
 			struct signalfd_siginfo info;
 			if (read(signals, &info, sizeof info) == sizeof info)

@@ -311,7 +311,7 @@ class CRI:
 class Image:
     """An image archive (docker-archive tar) and the reference it imports as."""
 
-    ref: str  # e.g. docker.io/local/app:0123abcd (containerd's normalized name)
+    ref: str  # e.g. local/app:0123abcd (containerd adds its default registry)
     archive: Path
 
 
@@ -339,7 +339,7 @@ def build_image(
     if busybox:
         parts.append(BUSYBOX.read_bytes())
     tag = _digest(*parts)
-    image = Image(f"docker.io/local/{name}:{tag}", CACHE / "images" / f"{name}-{tag}.tar")
+    image = Image(f"local/{name}:{tag}", CACHE / "images" / f"{name}-{tag}.tar")
     if image.archive.exists():
         return image
     with _cache_lock("images"):

@@ -73,6 +73,7 @@ def spawn_app(app: str, port: int) -> int:
 class FakeSandbox:
     address = "127.0.0.1"
     node_address = "127.0.0.1"
+    criu_launcher = None
 
     def __init__(self) -> None:
         self.redirects: dict[int, int] = {}

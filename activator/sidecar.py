@@ -1,0 +1,325 @@
+"""The activator as a Kubernetes native sidecar: app containers as sandboxes.
+
+The sidecar shares the pod's network namespace (as every container does) and
+its pid namespace (`shareProcessNamespace: true`). Each managed app container
+runs the holder (holder/holder.c) as its first process, with the app as the
+holder's child; the holder's control socket lies in a volume both share.
+Through it the sidecar learns the app's pid and runs CRIU *inside* the app
+container (the holder's child: its mount namespace, cgroup, stdout), which is
+what works for every process shape (../shared/CONTAINERD.md), and makes the
+restored app the holder's child again. The checkpoint code is the one local
+pods use; only where CRIU runs differs (HolderLauncher).
+
+Paths: the shared volume is `shared` here and SHARED_IN_APP in the app
+container. The images live in it: CRIU works (and mounts) in the images
+directory, which must be in the app container's mount namespace. CRIU's
+binary is reached through /proc/OUR_PID/root, our pid being the same in the
+app container's view (one pid namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from pyroute2 import IPRoute
+
+from activator import annotations as pod_annotations
+from activator import commands as c
+from activator.agent import Agent
+from activator.config import ConfigError, FieldError, PodConfig
+from activator.control import ControlServer
+from activator.criu import Criu, CriuError, Externals, find_criu
+from activator.holder import Holder, HolderError
+from activator.pod import SpawnFailed
+from activator.report import EventLog
+from netns.namespace import NetnsThread
+from netns.nft import Redirector
+
+log = logging.getLogger(__name__)
+
+SHARED_IN_APP = Path("/pod-activator")
+HOLDER_BINARY = "pod-activator-holder"
+# How long a managed container's holder may take to appear (its container
+# starts after the sidecar is up).
+HOLDER_WAIT = 120.0
+
+
+class SidecarError(Exception):
+    pass
+
+
+def criu_command(root: str) -> list[str]:
+    """How a process in another mount namespace runs our CRIU: through its
+    loader, with every path under `root` (our root seen from there), so that
+    nothing of the app's image is used (it may have no libc at all)."""
+    prefix = Path(sys.prefix) / "criu"  # scripts/setup's private CRIU, if it made one
+    loaders = sorted(prefix.glob("usr/lib/*/ld-linux-*.so.*"))
+    if loaders:
+        libs = loaders[0].parent
+        binary = prefix / "usr/sbin/criu"
+    else:
+        system = shutil.which("criu")
+        if system is None:
+            raise SidecarError("no criu here: run scripts/setup (or install criu >= 4.2)")
+        binary = Path(system).resolve()
+        loaders = sorted(Path("/lib64").glob("ld-linux-*.so.*"))
+        if not loaders:
+            raise SidecarError("no dynamic loader under /lib64 to run criu with")
+        libs = Path("/lib") / f"{os.uname().machine}-linux-gnu"
+    return [
+        root + str(loaders[0]),
+        "--library-path",
+        f"{root}{libs}:{root}/usr{libs}" if not str(libs).startswith("/usr") else root + str(libs),
+        root + str(binary),
+    ]
+
+
+class HolderLauncher:
+    """CRIU as the holder's child, inside the app container."""
+
+    def __init__(self, holder: Holder, shared: Path) -> None:
+        self.holder = holder
+        self.shared = shared
+        self.loop = asyncio.get_running_loop()
+        self.command = criu_command(f"/proc/{os.getpid()}/root")
+
+    @contextmanager
+    def _swrk(self, pass_fds: tuple[int, ...]) -> Iterator[tuple[socket.socket, int]]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [*self.command, "swrk", str(theirs.fileno())]
+        try:
+            # Called from a worker thread (CRIU calls block): the holder's
+            # socket belongs to the event loop.
+            started = asyncio.run_coroutine_threadsafe(
+                self.holder.execute(argv, [theirs.fileno(), *pass_fds]), self.loop
+            )
+            pid = started.result()
+        except HolderError as exc:
+            ours.close()
+            raise CriuError(f"cannot run CRIU in the app container: {exc}") from exc
+        finally:
+            theirs.close()
+        try:
+            yield ours, pid
+        finally:
+            ours.close()  # criu swrk ends when its socket closes; the holder reaps it
+
+    def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
+        return self._swrk(pass_fds)
+
+    def path(self, ours: Path) -> str:
+        if not ours.is_relative_to(self.shared):
+            raise CriuError(f"{ours} is outside the volume shared with the app ({self.shared})")
+        return str(SHARED_IN_APP / ours.relative_to(self.shared))
+
+
+class PodRedirects:
+    """The pod's one nft table, shared by the containers it manages."""
+
+    def __init__(self) -> None:
+        self.thread = NetnsThread("/proc/self/ns/net", name="netns-pod")
+        self.redirector = Redirector(self.thread)
+        self.by_container: dict[str, Mapping[int, int]] = {}
+
+    async def set(self, container: str, redirects: Mapping[int, int] | None) -> None:
+        if redirects is None:
+            self.by_container.pop(container, None)
+        else:
+            self.by_container[container] = dict(redirects)
+        union = {p: s for r in self.by_container.values() for p, s in r.items()}
+        if union:
+            await self.thread.acall(self.redirector.install, union)
+        else:
+            await self.thread.acall(self.redirector.remove)
+
+
+class ContainerSandbox:
+    """One app container of the pod we are the sidecar of."""
+
+    def __init__(
+        self, config: PodConfig, shared: Path, redirects: PodRedirects, addresses: tuple[str, str]
+    ) -> None:
+        self.name = config.name
+        self.address, self.node_address = addresses
+        self.shared = shared
+        self.redirects = redirects
+        self.holder = Holder(shared / "run" / f"{config.name}.sock", self._app_exited)
+        self._ended: dict[int, asyncio.Future[int]] = {}
+        self._adopting: set[asyncio.Future[None]] = set()
+        self._managed = False
+        self.criu_launcher = HolderLauncher(self.holder, shared)
+
+    async def leftover(self) -> None:
+        return None  # re-adoption by a restarted sidecar: not yet (see README)
+
+    async def remove_leftover(self, leftover: object) -> None:
+        pass
+
+    async def create(self) -> None:
+        await self.holder.connect(HOLDER_WAIT)
+
+    async def socket(self) -> socket.socket:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    async def redirect(self, shadow_ports: Mapping[int, int]) -> None:
+        await self.redirects.set(self.name, shadow_ports)
+
+    async def spawn_app(self, command: tuple[str, ...]) -> int:
+        """The first time, the app the holder started; later, a cold start by it."""
+        try:
+            if not self._managed:
+                self._managed = True
+                if pid := await self.holder.manage():
+                    return pid
+            return await self.holder.start()
+        except HolderError as exc:
+            raise SpawnFailed(str(exc)) from exc
+
+    def app_exit(self, pid: int) -> asyncio.Future[int]:
+        if pid not in self._ended:
+            self._ended[pid] = asyncio.get_running_loop().create_future()
+            # The holder learns of a restored app only from us; it forwards
+            # signals to it and reports its end.
+            adopting = asyncio.ensure_future(self._adopt(pid))
+            self._adopting.add(adopting)
+            adopting.add_done_callback(self._adopting.discard)
+        return self._ended[pid]
+
+    async def _adopt(self, pid: int) -> None:
+        try:
+            await self.holder.adopt(pid)
+        except HolderError as exc:
+            log.error("container %s: the holder cannot follow the app: %s", self.name, exc)
+
+    def _app_exited(self, pid: int, status: int) -> None:
+        ended = self._ended.pop(pid, None)
+        if ended is not None and not ended.done():
+            ended.set_result(status)
+
+    async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
+        """The app stays: its container's own stop ends it, not ours."""
+        await self.holder.release()
+
+    def externals(self) -> Externals:
+        # CRIU runs in the pod's namespaces: nothing is external. The app's
+        # output goes to FIFOs the holder relays to the log (holder.c).
+        return Externals({})
+
+    async def destroy(self) -> None:
+        await self.redirects.set(self.name, None)
+        await self.holder.release()
+        self.holder.close()
+
+
+def pod_addresses() -> tuple[str, str]:
+    """(the pod's address, where kubelet's probes come from: the default gateway)."""
+    with IPRoute() as ip:
+        addresses = [
+            str(a.get_attr("IFA_ADDRESS"))
+            for a in ip.get_addr(family=socket.AF_INET)
+            if not str(a.get_attr("IFA_ADDRESS")).startswith("127.")
+        ]
+        gateways = [str(r.get_attr("RTA_GATEWAY")) for r in ip.get_default_routes(socket.AF_INET)]
+    address = os.environ.get("POD_IP") or (addresses[0] if addresses else "")
+    return address, (gateways[0] if gateways else address)
+
+
+def install_holder(shared: Path) -> None:
+    """Put the holder where the app containers run it from (the injection names it)."""
+    found = Path(sys.prefix) / "bin" / HOLDER_BINARY
+    source = found if found.exists() else shutil.which(HOLDER_BINARY)
+    if source is None:
+        raise SidecarError(f"{HOLDER_BINARY} not found: run scripts/setup")
+    target = shared / "bin" / "holder"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_suffix(".new")
+    shutil.copy2(source, staging)
+    staging.chmod(0o755)
+    staging.rename(target)  # a container starting now sees the old one or the new
+
+
+def container_configs(settings: pod_annotations.PodSettings) -> list[PodConfig]:
+    missing = [name for name in settings.managed if not settings.ports.get(name)]
+    if missing:
+        raise ConfigError(
+            [
+                FieldError(
+                    pod_annotations.PORTS_MAP,
+                    f"no ports for {', '.join(missing)}",
+                    'give each managed container its ports, like "app=8080"',
+                )
+            ]
+        )
+    return [
+        PodConfig(
+            name=name,
+            ports=settings.ports[name],
+            command=(),  # the container's own: the holder starts it
+            scaledown_after=settings.scaledown_after,
+            close_idle_after=settings.close_idle_after,
+            probe_detection=settings.probe_detection,
+            probe_sources=settings.probe_sources,
+            probe_default_status=settings.probe_default_status,
+        )
+        for name in settings.managed
+    ]
+
+
+async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
+    """Manage the pod's annotated containers until SIGTERM; a pod with bad
+    annotations is left running unmanaged (the errors are logged and reported)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    install_holder(shared)
+    reporter = EventLog(events)
+    configs: list[PodConfig] = []
+    try:
+        found = pod_annotations.read_downward_api((podinfo / "annotations").read_text())
+        configs = (
+            container_configs(pod_annotations.parse(found))
+            if pod_annotations.enabled(found)
+            else []
+        )
+    except (OSError, ConfigError) as exc:
+        reporter.write(
+            os.environ.get("POD_NAME", "pod"),
+            "unmanaged",
+            c.Report("unmanaged", "error", f"left running unmanaged: {exc}"),
+        )
+    if not configs:
+        await stop.wait()
+        return 0
+    redirects = PodRedirects()
+    addresses = await asyncio.to_thread(pod_addresses)  # pyroute2 runs its own loop
+    agent = Agent(
+        shared / "state",
+        Criu(find_criu()),
+        reporter,
+        lambda config: ContainerSandbox(config, shared, redirects, addresses),
+    )
+    control = ControlServer(agent.handle)
+    await control.start()
+    try:
+        for config in configs:
+            try:
+                await agent.add(config)
+            except (HolderError, SpawnFailed, CriuError, OSError) as exc:
+                log.error("container %s left unmanaged: %s", config.name, exc)
+        await stop.wait()
+        return 0
+    finally:
+        await agent.stop_all()
+        await control.close()
+        redirects.thread.close()
