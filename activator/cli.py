@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--cycles", type=int, default=3)
     demo.add_argument("--scaledown-after", default="2s")
+
+    from activator import manifests, webhook  # their heavy imports load only when run
+
+    manifests.add_parser(sub)
+    webhook.add_parsers(sub)
     return parser
 
 
@@ -242,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from activator.demo import run_demo
 
             return run_demo(cycles=args.cycles, scaledown_after=demo_idle)
+        if args.cmd in ("inject", "webhook", "webhook-cert"):
+            return int(args.run(args))
         answer = ask(find_pod(args.pod), {"op": args.cmd, "pod": args.pod})
         if "pod" in answer:
             print(f"{args.pod}: {answer['pod']['phase']}")

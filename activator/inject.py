@@ -89,6 +89,8 @@ CRIU_CAPABILITIES: Mapping[str, str] = {
     "CHOWN": "CRIU: give recreated files back their owners",
     "FSETID": "CRIU: keep setuid/setgid bits on files it recreates",
     "SYS_CHROOT": "CRIU: restore the tasks' root directories",
+    "SYS_TIME": "CRIU: set the clock offsets of the time namespace it restores the app "
+    "into (tests/k8s: restores fail with 'Unable to set a monotonic clock offset' without it)",
 }
 SIDECAR_CAPABILITIES: Mapping[str, str] = {
     "NET_ADMIN": "nftables: the table that moves the app's ports behind the activator, "

@@ -40,6 +40,8 @@ from activator.config import ConfigError, FieldError, PodConfig
 from activator.control import ControlServer
 from activator.criu import Criu, CriuError, Externals, find_criu
 from activator.holder import Holder, HolderError
+from activator.inject import METRICS_PORT
+from activator.metrics import Metrics, MetricsReporter, start_exporter
 from activator.pod import SpawnFailed
 from activator.report import EventLog
 from netns.namespace import NetnsThread
@@ -52,6 +54,8 @@ HOLDER_BINARY = "pod-activator-holder"
 # How long a managed container's holder may take to appear (its container
 # starts after the sidecar is up).
 HOLDER_WAIT = 120.0
+# The injection sets it from `--metrics-port` (inject.py).
+METRICS_PORT_ENV = "POD_ACTIVATOR_METRICS_PORT"
 
 
 class SidecarError(Exception):
@@ -283,7 +287,10 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     install_holder(shared)
-    reporter = EventLog(events)
+    events_log = EventLog(events)
+    metrics = Metrics()
+    start_exporter(metrics, int(os.environ.get(METRICS_PORT_ENV, METRICS_PORT)))
+    reporter = MetricsReporter(metrics, then=events_log)
     configs: list[PodConfig] = []
     try:
         found = pod_annotations.read_downward_api((podinfo / "annotations").read_text())
@@ -293,7 +300,7 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
             else []
         )
     except (OSError, ConfigError) as exc:
-        reporter.write(
+        events_log.write(
             os.environ.get("POD_NAME", "pod"),
             "unmanaged",
             c.Report("unmanaged", "error", f"left running unmanaged: {exc}"),

@@ -1,0 +1,251 @@
+"""The sidecar against the real container runtime (containerd + runc over CRI).
+
+A pod is laid out as kubelet lays it out: pause, then the activator's
+sidecar, then the app container, whose first process is the holder with the
+stateful counter as its child. The sidecar runs as a process joined to the
+pod's network, pid, IPC and UTS namespaces with its own /proc (what its
+container would give it), since its own image cannot be built here (no image
+builder for a Python image without a registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from activator.inject import CRIU_CAPABILITIES, METRICS_PORT
+from netns import proc
+from tests.integration.test_activator import ACTIVATOR, read_events, wait_for_event
+from tests.k8s.runtime import REPO, Containerd, Mount, Pod
+
+APP_PORT = 8080
+START_TIMEOUT = 60.0
+# Capability numbers (linux/capability.h) of what CRIU needs, to leave out
+# what this machine's root lacks itself (CAP_SYS_RESOURCE, DESIGN.md).
+_CAP_NUMBERS = {
+    "CHOWN": 0,
+    "DAC_OVERRIDE": 1,
+    "DAC_READ_SEARCH": 2,
+    "FOWNER": 3,
+    "FSETID": 4,
+    "KILL": 5,
+    "SETGID": 6,
+    "SETUID": 7,
+    "SETPCAP": 8,
+    "NET_ADMIN": 12,
+    "SYS_CHROOT": 18,
+    "SYS_PTRACE": 19,
+    "SYS_ADMIN": 21,
+    "SYS_RESOURCE": 24,
+    "SYS_TIME": 25,
+    "CHECKPOINT_RESTORE": 40,
+}
+
+
+def grantable(capabilities: list[str]) -> list[str]:
+    status = Path("/proc/self/status").read_text()
+    bounding = int(
+        next(line for line in status.splitlines() if line.startswith("CapBnd:")).split()[1], 16
+    )
+    return [c for c in capabilities if bounding >> _CAP_NUMBERS[c] & 1]
+
+
+@dataclass
+class ManagedPod:
+    pod: Pod
+    sidecar: subprocess.Popen[bytes]
+    workdir: Path
+
+    @property
+    def shared(self) -> Path:
+        return self.workdir / "shared"
+
+    @property
+    def events(self) -> Path:
+        return self.workdir / "events.jsonl"
+
+    def mark(self) -> int:
+        return len(read_events(self.events))
+
+    def wait_for(self, event: str, after: int = 0, timeout: float = 20.0) -> dict[str, object]:
+        try:
+            return wait_for_event(
+                self.events, event, after, timeout, alive=lambda: self.sidecar.poll() is None
+            )[1]
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nsidecar log:\n{self.sidecar_log()}") from None
+
+    def sidecar_log(self) -> str:
+        return (self.workdir / "sidecar.log").read_text(errors="replace")[-4000:]
+
+    def get(self) -> tuple[int, str]:
+        """(count, boot) from the counter, through the pod's address."""
+        with urllib.request.urlopen(f"http://{self.pod.ip}:{APP_PORT}/", timeout=30) as answer:
+            fields = dict(part.split("=") for part in answer.read().decode().split())
+        return int(fields["count"]), fields["boot"]
+
+    def stop_sidecar(self) -> int:
+        """SIGTERM the activator (nsenter's child: nsenter forwards no signal);
+        its exit status, which nsenter passes on."""
+        for pid in proc.children_of(self.sidecar.pid):
+            os.kill(pid, signal.SIGTERM)
+        return self.sidecar.wait(30)
+
+
+StartPod = Callable[..., ManagedPod]
+
+
+@pytest.fixture
+def managed_pod(containerd: Containerd, tmp_path: Path) -> Iterator[StartPod]:
+    made: list[ManagedPod] = []
+
+    def start(annotations: dict[str, str]) -> ManagedPod:
+        name = f"sc-{uuid.uuid4().hex[:8]}"
+        workdir = tmp_path / name
+        (workdir / "shared").mkdir(parents=True)
+        (workdir / "podinfo").mkdir()
+        # The Downward API's format: key="value", the value a Go string literal.
+        (workdir / "podinfo" / "annotations").write_text(
+            "".join(f"{k}={json.dumps(v)}\n" for k, v in sorted(annotations.items()))
+        )
+        pod = containerd.run_pod(name, (), annotations=annotations)
+        with open(workdir / "sidecar.log", "wb") as log:
+            sidecar = subprocess.Popen(
+                [
+                    *pod.nsenter(),
+                    "unshare",
+                    "--mount-proc",
+                    "--propagation",
+                    "private",
+                    "--",
+                    ACTIVATOR,
+                    "sidecar",
+                    "--podinfo",
+                    str(workdir / "podinfo"),
+                    "--shared",
+                    str(workdir / "shared"),
+                    "--events",
+                    str(workdir / "events.jsonl"),
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        managed = ManagedPod(pod, sidecar, workdir)
+        made.append(managed)
+        # A native sidecar is started (its startup probe: the holder is in
+        # place) before the app containers.
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (managed.shared / "bin" / "holder").exists():
+            assert sidecar.poll() is None, managed.sidecar_log()
+            assert time.monotonic() < deadline, "the sidecar did not install the holder"
+            time.sleep(0.05)
+        pod.start_container(
+            containerd.app_container(
+                command=["/pod-activator/bin/holder", "--name", "app", "--", "/counter"],
+                mounts=[Mount(managed.shared, "/pod-activator")],
+                capabilities=grantable(list(CRIU_CAPABILITIES)),
+            )
+        )
+        return managed
+
+    yield start
+    for managed in made:
+        managed.stop_sidecar()
+        managed.pod.stop(grace=1)
+
+
+def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
+    managed_pod: StartPod,
+) -> None:
+    """Three cycles: the counter's memory survives, containerd reports the app
+    container running throughout, its first process (the holder) never
+    exits, and the app's output after each wake reaches the container log."""
+    managed = managed_pod(
+        {
+            "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
+            "zeropod.ctrox.dev/scaledown-duration": "1s",
+        }
+    )
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    count, boot = managed.get()
+    for _ in range(3):
+        mark = managed.mark()
+        managed.wait_for("scaled-down", after=mark)
+        assert managed.pod.state("app") == "CONTAINER_RUNNING"
+        assert proc.children_of(holder.pid) == [], "the app's processes are not gone"
+        woke = managed.mark()
+        next_count, next_boot = managed.get()
+        assert (next_count, next_boot) == (count + 1, boot), "the app restarted cold"
+        assert managed.wait_for("running", after=woke).get("previous") == "restoring"
+        count = next_count
+        assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
+    deadline = time.monotonic() + 10
+    while f"request {count}" not in managed.pod.log_messages("app"):
+        assert time.monotonic() < deadline, managed.pod.log_messages("app")[-5:]
+        time.sleep(0.05)
+    # The sidecar's Prometheus metrics, on the pod's address as a scraper sees them.
+    metrics_url = f"http://{managed.pod.ip}:{METRICS_PORT}/metrics"
+    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+        metrics = answer.read().decode()
+    assert 'pod_activator_restore_duration_seconds_count{pod="app"} 3.0' in metrics, metrics
+
+
+def test_a_bad_annotation_leaves_the_pod_running_unmanaged(managed_pod: StartPod) -> None:
+    managed = managed_pod(
+        {
+            "zeropod.ctrox.dev/ports-map": "app=80x80",
+            "zeropod.ctrox.dev/scaledown-duration": "1s",
+        }
+    )
+    unmanaged = managed.wait_for("unmanaged", timeout=START_TIMEOUT)
+    assert "zeropod.ctrox.dev/ports-map" in str(unmanaged["message"])
+    assert "80x80" in str(unmanaged["message"])
+    first, boot = managed.get()
+    time.sleep(2.5)  # more than the scale-down duration: nothing happens
+    assert managed.get() == (first + 1, boot)
+    assert [e["event"] for e in read_events(managed.events)] == ["unmanaged"]
+    assert managed.pod.state("app") == "CONTAINER_RUNNING"
+    assert managed.sidecar.poll() is None, "the sidecar must stay (a native sidecar restarts)"
+
+
+def test_stopping_the_pod_as_kubelet_does_leaves_nothing(managed_pod: StartPod) -> None:
+    """kubelet stops the app containers, then the sidecar, then the sandbox:
+    no process, no image, no nft table is left."""
+    managed = managed_pod(
+        {
+            "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
+            "zeropod.ctrox.dev/scaledown-duration": "1s",
+        }
+    )
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    managed.get()
+    managed.wait_for("scaled-down", after=managed.mark())
+    assert list((managed.shared / "state").iterdir()), "no image to clean up: test is blind"
+    pause = managed.pod.pause_pid
+    managed.pod.cri.stop_container(managed.pod.containers["app"].id, 5)
+    assert managed.pod.status("app").exit_code == 0
+    assert managed.stop_sidecar() == 0, managed.sidecar_log()
+    tables = subprocess.run(
+        ["nsenter", "-t", str(pause), "-n", "nft", "list", "tables"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "pod_activator" not in tables.stdout
+    assert not any((managed.shared / "state").iterdir()), "images left behind"
+    managed.pod.stop(grace=1)
+    assert managed.pod.leftovers() == []
+    assert os.path.exists(managed.shared / "bin" / "holder")  # the volume is kubelet's to remove
