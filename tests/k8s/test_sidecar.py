@@ -60,6 +60,10 @@ def grantable(capabilities: list[str]) -> list[str]:
     return [c for c in capabilities if bounding >> _CAP_NUMBERS[c] & 1]
 
 
+def cgroups(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
 @dataclass
 class ManagedPod:
     pod: Pod
@@ -192,6 +196,9 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
         assert managed.wait_for("running", after=woke).get("previous") == "restoring"
         count = next_count
         assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
+        # Restored inside the container: the holder's child, in its cgroups.
+        (app,) = proc.children_of(holder.pid)
+        assert cgroups(app) == cgroups(holder.pid)
     deadline = time.monotonic() + 10
     while f"request {count}" not in managed.pod.log_messages("app"):
         assert time.monotonic() < deadline, managed.pod.log_messages("app")[-5:]
@@ -201,6 +208,28 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
     with urllib.request.urlopen(metrics_url, timeout=10) as answer:
         metrics = answer.read().decode()
     assert 'pod_activator_restore_duration_seconds_count{pod="app"} 3.0' in metrics, metrics
+
+
+def test_the_container_stop_signal_reaches_the_app_and_its_status_the_runtime(
+    managed_pod: StartPod,
+) -> None:
+    """While the app runs, stopping its container (SIGTERM to the holder, as
+    kubelet does) ends the app, and the container exits with the app's status
+    (the counter does not catch SIGTERM: 128 + 15). A restored app too."""
+    managed = managed_pod(
+        {
+            "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
+            "zeropod.ctrox.dev/scaledown-duration": "1s",
+        }
+    )
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    managed.get()
+    managed.wait_for("scaled-down", after=managed.mark())
+    woke = managed.mark()
+    managed.get()
+    managed.wait_for("running", after=woke)
+    managed.pod.cri.stop_container(managed.pod.containers["app"].id, 10)
+    assert managed.pod.status("app").exit_code == 128 + signal.SIGTERM
 
 
 def test_a_bad_annotation_leaves_the_pod_running_unmanaged(managed_pod: StartPod) -> None:
