@@ -54,6 +54,8 @@ HOLDER_BINARY = "pod-activator-holder"
 # How long a managed container's holder may take to appear (its container
 # starts after the sidecar is up).
 HOLDER_WAIT = 120.0
+# How long the holder may take to start CRIU (it answers at once when alive).
+HOLDER_REPLY_WAIT = 30.0
 # The injection sets it from `--metrics-port` (inject.py).
 METRICS_PORT_ENV = "POD_ACTIVATOR_METRICS_PORT"
 
@@ -69,21 +71,20 @@ def criu_command(root: str) -> list[str]:
     prefix = Path(sys.prefix) / "criu"  # scripts/setup's private CRIU, if it made one
     loaders = sorted(prefix.glob("usr/lib/*/ld-linux-*.so.*"))
     if loaders:
-        libs = loaders[0].parent
+        libraries = [loaders[0].parent]
         binary = prefix / "usr/sbin/criu"
     else:
         system = shutil.which("criu")
-        if system is None:
-            raise SidecarError("no criu here: run scripts/setup (or install criu >= 4.2)")
-        binary = Path(system).resolve()
         loaders = sorted(Path("/lib64").glob("ld-linux-*.so.*"))
-        if not loaders:
-            raise SidecarError("no dynamic loader under /lib64 to run criu with")
-        libs = Path("/lib") / f"{os.uname().machine}-linux-gnu"
+        if system is None or not loaders:
+            raise SidecarError("no criu (or no loader for it) here: run scripts/setup")
+        binary = Path(system).resolve()
+        triplet = f"{os.uname().machine}-linux-gnu"
+        libraries = [Path("/lib") / triplet, Path("/usr/lib") / triplet]
     return [
         root + str(loaders[0]),
         "--library-path",
-        f"{root}{libs}:{root}/usr{libs}" if not str(libs).startswith("/usr") else root + str(libs),
+        ":".join(root + str(d) for d in libraries),
         root + str(binary),
     ]
 
@@ -107,8 +108,8 @@ class HolderLauncher:
             started = asyncio.run_coroutine_threadsafe(
                 self.holder.execute(argv, [theirs.fileno(), *pass_fds]), self.loop
             )
-            pid = started.result()
-        except HolderError as exc:
+            pid = started.result(HOLDER_REPLY_WAIT)
+        except (HolderError, TimeoutError) as exc:
             ours.close()
             raise CriuError(f"cannot run CRIU in the app container: {exc}") from exc
         finally:
