@@ -71,6 +71,11 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
         help="seal images at rest with this 32-byte key (AES-256-GCM); plaintext stays in memory",
     )
     parser.add_argument(
+        "--lazy-restore",
+        action="store_true",
+        help="wake before the memory is back: pages come on first touch (userfaultfd)",
+    )
+    parser.add_argument(
         "--annotations",
         metavar="FILE",
         type=Path,
@@ -98,6 +103,7 @@ def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any
         "probe_wait": args.probe_wait,
         "probe_default_status": args.probe_default_status,
         "image_key": args.image_key,
+        "lazy_restore": args.lazy_restore,
     }
     if args.annotations is not None:
         for key, value in _annotation_settings(args.annotations).items():

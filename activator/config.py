@@ -57,6 +57,8 @@ class PodConfig:
     probe_default_status: int = 200
     # With a key, images are sealed at rest (see sealed.py); never printed.
     image_key: bytes | None = field(default=None, repr=False)
+    # Restore without copying the memory first: pages are served on first touch.
+    lazy_restore: bool = False
 
 
 def parse_duration(text: str, field: str) -> float | FieldError:
@@ -121,6 +123,7 @@ def pod_config(
     probe_wait: str | None = None,
     probe_default_status: str | None = None,
     image_key: str | None = None,
+    lazy_restore: bool = False,
 ) -> PodConfig:
     """Check every field; raise one ConfigError listing all that are wrong."""
     errors: list[FieldError] = []
@@ -168,6 +171,15 @@ def pod_config(
         from activator.sealed import read_key  # cryptography only when asked for
 
         key = checked(read_key(Path(image_key), "--image-key"))
+    if lazy_restore and image_key is not None:
+        errors.append(
+            FieldError(
+                "--lazy-restore",
+                "cannot be combined with --image-key (the pages would be served from "
+                "plaintext images while the app runs)",
+                "drop one of the two",
+            )
+        )
     if errors:
         raise ConfigError(errors)
     return PodConfig(
@@ -181,4 +193,5 @@ def pod_config(
         probe_wait=wait,
         probe_default_status=status,
         image_key=key,
+        lazy_restore=lazy_restore,
     )

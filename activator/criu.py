@@ -153,10 +153,16 @@ class Criu:
             self._call("dump", opts, images, pass_fds=(), on_start=on_start)
         return image_bytes(images)
 
-    def restore(self, images: Path, externals: Externals, on_start: OnStart = _nothing) -> int:
-        """Restore the tree saved in `images` as our child; return its root's pid."""
+    def restore(
+        self, images: Path, externals: Externals, on_start: OnStart = _nothing, lazy: bool = False
+    ) -> int:
+        """Restore the tree saved in `images` as our child; return its root's pid.
+
+        `lazy`: the memory is not copied now but fetched on first touch from a
+        `serve_pages` daemon on the same images (userfaultfd)."""
         with ExitStack() as stack:
             opts = self._common_opts(images, "restore.log")
+            opts.lazy_pages = lazy
             opts.rst_sibling = True  # the restored root becomes our child: we reap it
             fds: list[int] = []
             for kind, path in externals.namespaces.items():
@@ -170,6 +176,34 @@ class Criu:
                     opts.inherit_fd.add(key=key, fd=externals.output)
             response = self._call("restore", opts, images, tuple(fds), on_start)
             return int(response.pid)
+
+    def serve_pages(self, images: Path) -> subprocess.Popen[bytes]:
+        """Start CRIU's lazy-pages daemon on `images`, ready when this returns;
+        it ends once every page went to the restored app (or the app ended)."""
+        if not isinstance(self.launcher, LocalLauncher):
+            raise CriuError("lazy restore needs CRIU in our own namespaces (not in a sidecar)")
+        ready_r, ready_w = os.pipe()
+        try:
+            daemon = subprocess.Popen(
+                [
+                    *(str(self.binary), "lazy-pages", "-D", self.launcher.path(images)),
+                    *("-o", "lazy-pages.log", f"-v{self.options.log_level}"),
+                    *("--status-fd", str(ready_w)),
+                ],
+                pass_fds=(ready_w,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            raise CriuNotFound(f"cannot run {self.binary}: {exc.strerror}") from exc
+        finally:
+            os.close(ready_w)
+        with open(ready_r, "rb") as ready:
+            if ready.read(1) != b"\0":  # EOF: it failed before listening
+                daemon.wait()
+                raise CriuError(f"criu lazy-pages failed{log_tail(images / 'lazy-pages.log')}")
+        return daemon
 
     def _common_opts(self, images: Path, log_file: str) -> Any:
         opts = pycriu.rpc.criu_opts(images_dir_fd=-1)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -136,6 +138,7 @@ class PodDriver:
         self._waking_conn: int | None = None
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._restored = 0
+        self._page_server: subprocess.Popen[bytes] | None = None  # lazy restores
         self._loop = asyncio.get_running_loop()
 
     # -- setup -----------------------------------------------------------------
@@ -235,6 +238,14 @@ class PodDriver:
     def _restore_from_images(self) -> int:
         externals = self.sandbox.externals()
         key = self.config.image_key
+        if key is None and self.config.lazy_restore:
+            self._page_server = self.criu.serve_pages(self.images)
+            try:
+                restore = functools.partial(self.criu.restore, lazy=True)
+                return self._criu("restore", self.images, restore, self.images, externals)
+            except CriuError:
+                self._stop_page_server()
+                raise
         if key is None:
             return self._criu("restore", self.images, self.criu.restore, self.images, externals)
         from activator import sealed
@@ -245,6 +256,12 @@ class PodDriver:
             return self._criu("restore", plain, self.criu.restore, plain, externals)
         finally:
             shutil.rmtree(plain, ignore_errors=True)
+
+    def _stop_page_server(self) -> None:
+        server, self._page_server = self._page_server, None
+        if server is not None and server.poll() is None:
+            server.kill()  # our child: ends the lazy pages of an app that is gone
+            server.wait()
 
     def _criu(self, kind: str, images: Path, call: Callable[..., int], *args: Any) -> int:
         """A CRIU call, journaled while it runs."""
@@ -460,6 +477,10 @@ class PodDriver:
         done = self.state_dir / f"images.restored-{self._restored}"
         self.images.rename(done)
         await asyncio.sleep(IMAGE_DELETE_DELAY)
+        if (server := self._page_server) is not None:
+            # A lazy restore: the pages are read from the image until all are back.
+            await asyncio.to_thread(server.wait)
+            self._page_server = None
         await asyncio.to_thread(shutil.rmtree, done, True)
 
     # -- manual control and stop ---------------------------------------------------
@@ -486,6 +507,7 @@ class PodDriver:
         await self.sandbox.stop_app(pid, self._exits[pid])
 
     async def _remove_everything(self) -> None:
+        self._stop_page_server()
         for conn in list(self.connections.values()):
             conn.refuse("pod removed")
         for listener in self.listeners:

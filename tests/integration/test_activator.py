@@ -28,7 +28,7 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,6 +470,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
         state_dir: Path | None = None,
         adopting: bool = False,
         image_key: Path | None = None,
+        flags: Sequence[str] = (),
     ) -> Activator:
         name = name or unique_name()
         workdir = tmp_path / f"{name}-{len(started)}"
@@ -497,6 +498,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
                     "--state-dir",
                     str(state_dir),
                     *(["--image-key", str(image_key)] if image_key else []),
+                    *flags,
                     "--",
                     *app,
                 ],
@@ -1177,6 +1179,29 @@ def test_soak_state_kept_and_no_growth_in_activator_memory_or_fds(
     rss, fds = me.memory_info().rss, me.num_fds()
     assert fds <= baseline[1] + 2, f"open fds grew from {baseline[1]} to {fds}"
     assert rss <= baseline[0] + 8 * 2**20, f"RSS grew from {baseline[0]} to {rss}"
+
+
+def test_lazy_restore_wakes_a_big_app_with_its_state_and_drops_the_image_once_paged_in(
+    activator: StartActivator,
+) -> None:
+    """--lazy-restore: the restore returns before the memory is copied; the
+    image serves the pages on first touch and is deleted once all are back;
+    the app then checkpoints again as usual."""
+    act = activator(hold_mib=128, flags=["--lazy-restore"])
+    address = act.address()
+    assert request(address, "PUT", "/values/k", body=b"kept")[0] == 204
+    before = get_state(address)
+    for _ in range(2):
+        act.wait_for("scaled-down", after=act.mark())
+        woke = act.mark()
+        after = get_state(address)
+        assert (after["boot_id"], after["values"]) == (before["boot_id"], {"k": "kept"})
+        act.wait_for("running", after=woke)
+    images = act.state_dir / act.name
+    deadline = time.monotonic() + 30
+    while any(p.name.startswith("images.restored") for p in images.iterdir()):
+        assert time.monotonic() < deadline, "the image of a lazy restore was never deleted"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("sealed", [False, True])

@@ -3,8 +3,8 @@
 A pod is laid out as kubelet lays it out: pause, then the activator's
 sidecar, then the app container, whose first process is the holder with the
 stateful counter as its child. The sidecar runs as a process joined to the
-pod's network, pid, IPC and UTS namespaces with its own /proc (what its
-container would give it), since its own image cannot be built here (no image
+pod's network, pid, IPC and UTS namespaces with its own /proc and /run
+(what its container would give it), since its own image cannot be built here (no image
 builder for a Python image without a registry).
 """
 
@@ -132,6 +132,12 @@ def managed_pod(containerd: Containerd, tmp_path: Path) -> Iterator[StartPod]:
                     "--propagation",
                     "private",
                     "--",
+                    # A /run of its own, as its container would have: its
+                    # control socket stays out of the host's.
+                    "sh",
+                    "-c",
+                    'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"',
+                    "sidecar",
                     ACTIVATOR,
                     "sidecar",
                     "--podinfo",

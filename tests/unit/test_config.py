@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,6 +44,24 @@ def test_every_bad_field_is_reported_at_once() -> None:
 def test_a_good_config() -> None:
     config = pod_config(name="web", ports=["80", "443"], command=["nginx"], scaledown_after="1m")
     assert (config.ports, config.scaledown_after, config.command) == ((80, 443), 60.0, ("nginx",))
+
+
+def test_lazy_restore_and_sealed_images_do_not_go_together(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(bytes(32))
+    with pytest.raises(ConfigError) as info:
+        pod_config(
+            name="web",
+            ports=["80"],
+            command=["nginx"],
+            scaledown_after=None,
+            image_key=str(key),
+            lazy_restore=True,
+        )
+    assert [err.field for err in info.value.errors] == ["--lazy-restore"]
+    assert pod_config(
+        name="web", ports=["80"], command=["nginx"], scaledown_after=None, lazy_restore=True
+    ).lazy_restore
 
 
 @given(st.text(max_size=30))
