@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TextIO
 from activator import annotations as pod_annotations
 from activator.config import ConfigError, FieldError, parse_duration, pod_config
 from activator.control import AGENTS_DIR, ControlError, agent_sockets, ask, find_pod
-from activator.criu import CriuError
+from activator.criu import CriuError, CriuOptions
 from netns.errors import NetnsError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/pod-activator/pods")
@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--state-dir", type=Path, default=DEFAULT_STATE_ROOT, help="where checkpoints are kept"
     )
+    run.add_argument(
+        "--criu-timeout",
+        metavar="DURATION",
+        default="2m",
+        help="end a checkpoint or restore that takes longer (default 2m)",
+    )
 
     add = sub.add_parser(
         "add", help="add a pod to the running activator: add [flags] -- CMD [ARG ...]"
@@ -220,10 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = pod_config(**settings) if settings else None
         demo_idle = 0.0
         if args.cmd == "demo":
-            parsed = parse_duration(args.scaledown_after, "--scaledown-after")
-            if isinstance(parsed, FieldError):
-                raise ConfigError([parsed])
-            demo_idle = parsed
+            demo_idle = _duration(args.scaledown_after, "--scaledown-after")
+        criu_timeout = _duration(args.criu_timeout, "--criu-timeout") if args.cmd == "run" else 0
         if args.cmd not in ("run", "add") and command:
             raise UsageError(f"{args.cmd} takes no command after --")
     except (UsageError, ConfigError) as exc:
@@ -239,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert config is not None
             from activator.runtime import serve
 
-            return _serve(args, lambda events: serve([config], args.state_dir, events))
+            options = CriuOptions(timeout=criu_timeout)
+            return _serve(args, lambda events: serve([config], args.state_dir, events, options))
         if args.cmd == "sidecar":
             from activator import sidecar
 
@@ -262,6 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ControlError, CriuError, NetnsError) as exc:
         print(f"activator: {exc}", file=sys.stderr)
         return 1
+
+
+def _duration(text: str, flag: str) -> float:
+    parsed = parse_duration(text, flag)
+    if isinstance(parsed, FieldError):
+        raise ConfigError([parsed])
+    return parsed
 
 
 def _serve(args: argparse.Namespace, serve: Callable[[TextIO | None], Any]) -> int:

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import pycriu
 
+from netns import proc
+
 LOG_TAIL_LINES = 8
 OUTPUT_PIPES = "output-pipes.json"
 
@@ -63,10 +65,16 @@ class CriuOptions:
     file_locks: bool = True
     ghost_limit: int = 1 << 20
     log_level: int = 2
+    # How long one dump or restore may take before CRIU is ended.
+    timeout: float = 120.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _nothing(pid: int) -> None:
+    pass
+
+
+def _no_op() -> None:
     pass
 
 
@@ -230,15 +238,29 @@ class Criu:
     ) -> Any:
         with self.launcher.swrk(pass_fds) as (sock, pid):
             on_start(pid)
+            # A CRIU that hangs (seen: a restore from a truncated image waits
+            # forever for a task that died) is ended, so the pod goes on.
+            criu = proc.Process.of(pid)
+            watchdog = threading.Timer(self.options.timeout, criu.kill if criu else _no_op)
+            watchdog.daemon = True
+            watchdog.start()
             client = pycriu.criu()
             client.use_fd(sock.fileno())
             client.opts = opts
             try:
                 return getattr(client, op)()
-            except pycriu.CRIUException as exc:
-                raise CriuError(
-                    f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}"
-                ) from exc
+            except Exception as exc:
+                tail = log_tail(images / opts.log_file)
+                if watchdog.finished.is_set():  # it fired: we ended CRIU
+                    raise CriuError(
+                        f"criu {op} did not finish within {self.options.timeout:g} s "
+                        f"and was ended{tail}"
+                    ) from exc
+                if isinstance(exc, pycriu.CRIUException):
+                    raise CriuError(f"criu {op} failed: {exc}{tail}") from exc
+                raise
+            finally:
+                watchdog.cancel()
 
 
 @contextmanager

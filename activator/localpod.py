@@ -154,6 +154,17 @@ class LocalSandbox:
     async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
         await stop_child(pid, ended)
 
+    async def end_remains(self) -> None:
+        if self.pause is None:
+            return
+        pid_ns = proc.ns_inode_of(self.pause.pid, "pid")
+        if pid_ns is None:
+            return
+        remains = [
+            proc.Process.of(p) for p in proc.members_of("pid", pid_ns) if p != self.pause.pid
+        ]
+        await asyncio.to_thread(proc.end, filter(None, remains))
+
     def externals(self) -> Externals:
         assert self.pause is not None
         proc = Path(f"/proc/{self.pause.pid}/ns")

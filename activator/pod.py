@@ -80,6 +80,10 @@ class Sandbox(Protocol):
         """End the app (or let it go on, where the sandbox owns its end)."""
         ...
 
+    async def end_remains(self) -> None:
+        """End whatever a failed restore left of the app (no app runs now)."""
+        ...
+
     def externals(self) -> Externals: ...
 
     @property
@@ -460,6 +464,7 @@ class PodDriver:
         try:
             pid = await asyncio.to_thread(self._restore_from_images)
         except CriuError as exc:
+            await self.sandbox.end_remains()  # a half-restored tree would hold the port
             # Keep the image that failed for a post-mortem; the next checkpoint replaces it.
             failed = self.state_dir / "images.failed"
             shutil.rmtree(failed, ignore_errors=True)

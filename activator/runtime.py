@@ -12,7 +12,7 @@ from activator import kdat
 from activator.agent import Agent
 from activator.config import PodConfig
 from activator.control import ControlServer
-from activator.criu import Criu, find_criu
+from activator.criu import Criu, CriuOptions, find_criu
 from activator.localpod import LocalSandbox
 from activator.report import EventLog
 from netns.pod import become_subreaper
@@ -20,21 +20,28 @@ from netns.pod import become_subreaper
 log = logging.getLogger(__name__)
 
 
-def local_agent(state_root: Path, events: TextIO | None) -> Agent:
+def local_agent(
+    state_root: Path, events: TextIO | None, criu_options: CriuOptions | None = None
+) -> Agent:
     # Restored apps and the apps we start become our children (see netns.pod).
     become_subreaper()
     criu = find_criu()
     kdat.ensure_cache(criu)  # start-up work off the wake path
-    return Agent(state_root, Criu(criu), EventLog(events), LocalSandbox)
+    return Agent(state_root, Criu(criu, criu_options), EventLog(events), LocalSandbox)
 
 
-async def serve(configs: list[PodConfig], state_root: Path, events: TextIO | None) -> int:
+async def serve(
+    configs: list[PodConfig],
+    state_root: Path,
+    events: TextIO | None,
+    criu_options: CriuOptions | None = None,
+) -> int:
     """Run `configs` as local pods until SIGINT or SIGTERM; then remove them all."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag
-    agent = local_agent(state_root, events)
+    agent = local_agent(state_root, events, criu_options)
     control = ControlServer(agent.handle)
     await control.start()
     try:

@@ -44,6 +44,7 @@ from activator.inject import METRICS_PORT
 from activator.metrics import Metrics, MetricsReporter, start_exporter
 from activator.pod import SpawnFailed
 from activator.report import EventLog
+from netns import proc
 from netns.namespace import NetnsThread
 from netns.nft import Redirector
 
@@ -214,6 +215,13 @@ class ContainerSandbox:
     async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
         """The app stays: its container's own stop ends it, not ours."""
         await self.holder.release()
+
+    async def end_remains(self) -> None:
+        """A failed restore's tasks are the holder's children (no app runs now)."""
+        if self.holder.pid is not None:
+            for pid in proc.children_of(self.holder.pid):
+                if (remains := proc.Process.of(pid)) is not None:
+                    remains.kill()
 
     def externals(self) -> Externals:
         # CRIU runs in the pod's namespaces: nothing is external. The app's

@@ -870,6 +870,7 @@ class PodSpec:
     command: tuple[str, ...]
     ports: tuple[int, ...] = (APP_PORT,)
     scaledown_after: str = "1h"  # Go duration syntax, as the CLI takes it
+    lazy_restore: bool = False
 
 
 def in_own_directory(directory: Path, command: Sequence[str]) -> tuple[str, ...]:
@@ -954,6 +955,7 @@ class Activator:
             *[a for p in first.ports for a in ("--port", str(p))],
             "--scaledown-after", first.scaledown_after,
             "--events", str(self.events.path), "--state-dir", str(directory / "state"),
+            *(["--lazy-restore"] if first.lazy_restore else []),
             "--", *self.command(first),
         ]  # fmt: skip
         with self.log_path.open("ab") as log_file:
@@ -1015,6 +1017,7 @@ class Activator:
             "ports": [str(p) for p in spec.ports],
             "command": list(self.command(spec)),
             "scaledown_after": spec.scaledown_after,
+            "lazy_restore": spec.lazy_restore,
         }
         try:
             answer = self.ask({"op": "add", "settings": settings})
@@ -1034,7 +1037,11 @@ class Activator:
         self.ask({"op": "wake", "pod": name})
 
     def app_pid(self, pod: str, marker: str) -> int:
-        """The host pid of the pod's app: our child in the pod's netns running `marker`."""
+        """The host pid of the pod's app: as its status says, else our child in the
+        pod's netns running `marker` (a lazily restored app's command line reads
+        empty until its pages are back)."""
+        if pid := self.pod(pod).get("app_pid"):
+            return int(pid)
         import psutil
 
         from netns.pod import NETNS_DIR, netns_name

@@ -14,10 +14,8 @@ import errno
 import hashlib
 import os
 import re
-import signal
 import socket
 import struct
-import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -354,15 +352,7 @@ def stale_pod(name: str) -> StalePod | None:
 
 def remove_stale_pod(stale: StalePod, *, timeout: float = 5.0) -> None:
     """End a stale pod's processes (by pid) and remove its network. Idempotent."""
-    for pid in stale.pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    for pid in stale.pids:
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # ours only if we are its reaper
-            time.sleep(0.01)
+    proc.end(filter(None, map(proc.Process.of, stale.pids)), timeout)
     problems = _teardown(
         stale.name,
         netns_name(stale.name),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +108,17 @@ class Process:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+
+def end(processes: Iterable[Process], timeout: float = 5.0) -> None:
+    """SIGKILL `processes`; wait until they are gone, reaping those that are our
+    children (as a subreaper, orphans of ours are too)."""
+    processes = list(processes)
+    for process in processes:
+        process.kill()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        while process.alive() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(process.pid, os.WNOHANG)
+            time.sleep(0.01)

@@ -632,26 +632,50 @@ def test_fifty_connections_during_a_checkpoint_are_held_and_served(
         print(f"held through a checkpoint of {detail(restoring, 'checkpoint_ms')} ms")
 
 
-def test_corrupt_image_falls_back_to_a_cold_start_that_serves(activator: StartActivator) -> None:
-    act = activator()
+def damage(images: Path, how: str) -> None:
+    """Make a checkpoint unrestorable: a core image garbled, or the memory
+    image cut in half (a disk that filled up or a copy that stopped)."""
+    pattern = "core-*.img" if how == "garbled core" else "pages-*.img"
+    found = sorted(images.glob(pattern))
+    assert found, f"no {pattern} in {images}: {sorted(p.name for p in images.iterdir())}"
+    for image in found:
+        if how == "garbled core":
+            image.write_bytes(b"not a CRIU image")
+        else:
+            os.truncate(image, image.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("how", ["garbled core", "truncated pages"])
+def test_a_damaged_image_falls_back_to_a_cold_start_and_the_pod_recovers(
+    activator: StartActivator, how: str
+) -> None:
+    """A garbled image makes CRIU fail; a truncated one made it hang forever
+    (a restored task dies unseen by it): the timeout ends it. Either way the
+    app starts cold, nothing of the failed restore is left, and the pod goes
+    back to normal scale-down and wake."""
+    act = activator(flags=["--criu-timeout", "5s"])
     address = act.address()
     assert request(address, "PUT", "/values/greeting", b"hello")[0] == 204
     before = get_state(address)
     mark = act.mark()
     act.wait_for("scaled-down", after=mark)
-    images = act.state_dir / act.name / "images"
-    cores = sorted(images.glob("core-*.img"))
-    assert cores, f"no core-*.img in {images}: {sorted(p.name for p in images.iterdir())}"
-    for core in cores:
-        core.write_bytes(b"not a CRIU image")
+    damage(act.state_dir / act.name / "images", how)
     mark = act.mark()
     after = get_state(address)  # the restore fails; a cold start answers
     assert after["boot_id"] != before["boot_id"]
     assert after["values"] == {} and after["hits"] == 1
-    failed, _ = act.wait_for("restore-failed", after=mark)
+    failed, event = act.wait_for("restore-failed", after=mark)
+    assert "criu log" in str(event.get("message")), "the failure names CRIU's log"
     _, ev = act.wait_for("running", after=failed)
     assert detail(ev, "restore_ms") is None, "running after a failed restore is a cold start"
     assert len(act.app_pids()) == 1, "a failed restore left processes in the pod"
+    # Back to normal: the next scale-down and wake keep the new state.
+    assert request(address, "PUT", "/values/again", b"yes")[0] == 204
+    act.wait_for("scaled-down", after=act.mark())
+    woke = act.mark()
+    assert get_state(address)["values"] == {"again": "yes"}
+    _, ev = act.wait_for("running", after=woke)
+    assert ev.get("previous") == "restoring"
 
 
 @pytest.mark.parametrize("phase", ["running", "scaled-down"])

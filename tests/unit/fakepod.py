@@ -106,6 +106,9 @@ class FakeSandbox:
     async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
         await stop_child(pid, ended)
 
+    async def end_remains(self) -> None:
+        pass  # the fake CRIU leaves nothing behind
+
     def externals(self) -> Externals:
         return Externals({})
 
