@@ -27,6 +27,7 @@ from activator.children import child_exit, stop_child
 from activator.config import PodConfig
 from activator.criu import CriuError, Externals, OnStart
 from activator.pod import PodDriver, SpawnFailed
+from netns.proc import Process, end
 
 # A server whose protocol has the server speak first (as MySQL's or SMTP's).
 BANNER_APP = """
@@ -62,12 +63,19 @@ def free_port() -> int:
         return port
 
 
+# Every app the fakes started, ended after each scenario even when it failed.
+STARTED: list[Process] = []
+
+
 def spawn_app(app: str, port: int) -> int:
     if app in APPS:
         argv = [sys.executable, "-c", APPS[app], str(port)]
     else:
         argv = [sys.executable, "-m", "activator.sampleapp", "--port", str(port)]
-    return os.posix_spawn(sys.executable, argv, dict(os.environ), setsid=True)
+    pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setsid=True)
+    if (started := Process.of(pid)) is not None:
+        STARTED.append(started)
+    return pid
 
 
 class FakeSandbox:
@@ -194,4 +202,8 @@ def run(tmp_path: Path, scenario: Scenario, app: str = "sampleapp", **settings: 
             pod.stop()
             await asyncio.wait_for(pod.stopped.wait(), 30)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    finally:
+        end(STARTED)
+        STARTED.clear()
