@@ -357,7 +357,7 @@ class Nginx(Server):
                 error_log {workdir}/error.log notice;
                 events {{ worker_connections 128; }}
                 http {{
-                    access_log off;
+                    access_log {workdir}/access.log;
                     client_body_temp_path {temp["body"]};
                     proxy_temp_path {temp["proxy"]};
                     fastcgi_temp_path {temp["fastcgi"]};
@@ -372,6 +372,9 @@ class Nginx(Server):
             """)
         )
         command = [which("nginx"), "-e", str(workdir / "error.log"), "-p", f"{workdir}/"]
+        # Its workers append to an open log file across checkpoints: after a
+        # wake the restored workers must go on writing it (check_state).
+        self.access_log = workdir / "access.log"
         return Launch([*command, "-c", str(conf)], workdir)
 
     def write_state(self, address: str) -> Any:
@@ -381,8 +384,13 @@ class Nginx(Server):
         return body
 
     def check_state(self, address: str, token: Any) -> None:
+        logged = self.access_log.read_text().count("GET /index.html")
         status, body = http(address, self.port, "GET", "/index.html")
         assert (status, body) == (200, token), (status, body, token)
+        deadline = time.monotonic() + 10  # nginx logs once the answer went out
+        while self.access_log.read_text().count("GET /index.html") <= logged:
+            assert time.monotonic() < deadline, "the restored nginx stopped writing its log"
+            time.sleep(0.02)
 
 
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
