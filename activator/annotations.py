@@ -14,6 +14,7 @@ and ours, for what zeropod has no key for:
     pod-activator.dev/close-idle-after: "5m"
     pod-activator.dev/probe-sources: "10.0.0.0/8,192.168.1.5"
     pod-activator.dev/probe-default-status: "503"
+    pod-activator.dev/resize-when-scaled-down: "true"   lower requests in place (kube/)
 
 Every bad annotation is reported at once, named, with its fix; the caller
 then leaves the pod unmanaged rather than half-managed.
@@ -47,6 +48,7 @@ OURS = "pod-activator.dev/"
 CLOSE_IDLE_AFTER = OURS + "close-idle-after"
 PROBE_SOURCES = OURS + "probe-sources"
 PROBE_DEFAULT_STATUS = OURS + "probe-default-status"
+RESIZE_WHEN_SCALED_DOWN = OURS + "resize-when-scaled-down"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class PodSettings:
     close_idle_after: float | None = None
     probe_sources: tuple[IPv4Network, ...] = ()
     probe_default_status: int = 200
+    # Lower the managed containers' requests through pods/resize while they
+    # are scaled down (activator/kube/); off unless asked: it frees the
+    # node's capacity for other pods, which may then hold it on wake.
+    resize_when_scaled_down: bool = False
 
     @property
     def managed(self) -> tuple[str, ...]:
@@ -107,13 +113,10 @@ def parse(annotations: Mapping[str, str]) -> PodSettings:
         close_idle_after = checked(parse_duration(text, CLOSE_IDLE_AFTER), None)
     probe_detection = True
     if (text := annotations.get(DISABLE_PROBE_DETECTION)) is not None:
-        if text.strip().lower() not in ("true", "false"):
-            errors.append(
-                FieldError(
-                    DISABLE_PROBE_DETECTION, f"{text!r} is not a boolean", 'write "true" or "false"'
-                )
-            )
-        probe_detection = text.strip().lower() != "true"
+        probe_detection = not checked(_boolean(text, DISABLE_PROBE_DETECTION), False)
+    resize = False
+    if (text := annotations.get(RESIZE_WHEN_SCALED_DOWN)) is not None:
+        resize = checked(_boolean(text, RESIZE_WHEN_SCALED_DOWN), False)
     sources = [
         checked(parse_network(part, PROBE_SOURCES), None)
         for part in annotations.get(PROBE_SOURCES, "").split(",")
@@ -132,7 +135,15 @@ def parse(annotations: Mapping[str, str]) -> PodSettings:
         close_idle_after=close_idle_after,
         probe_sources=tuple(n for n in sources if n is not None),
         probe_default_status=default_status,
+        resize_when_scaled_down=resize,
     )
+
+
+def _boolean(text: str, key: str) -> bool | FieldError:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        return FieldError(key, f"{text!r} is not a boolean", 'write "true" or "false"')
+    return value == "true"
 
 
 def _ports_map(text: str, errors: list[FieldError]) -> dict[str, tuple[int, ...]]:

@@ -56,6 +56,7 @@ def test_every_key() -> None:
         ({a.PORTS_MAP: "web=80", a.DISABLE_PROBE_DETECTION: "yes"}, [a.DISABLE_PROBE_DETECTION]),
         ({a.PORTS_MAP: "web=80", a.PROBE_SOURCES: "nowhere"}, [a.PROBE_SOURCES]),
         ({a.PORTS_MAP: "web=80", a.PROBE_DEFAULT_STATUS: "42"}, [a.PROBE_DEFAULT_STATUS]),
+        ({a.PORTS_MAP: "web=80", a.RESIZE_WHEN_SCALED_DOWN: "on"}, [a.RESIZE_WHEN_SCALED_DOWN]),
         (
             {a.PORTS_MAP: "web=0", a.SCALEDOWN_DURATION: "soon", a.CLOSE_IDLE_AFTER: "x"},
             [a.PORTS_MAP, a.SCALEDOWN_DURATION, a.CLOSE_IDLE_AFTER],
@@ -66,6 +67,26 @@ def test_bad_annotations_are_all_named(annotations: dict[str, str], named: list[
     with pytest.raises(ConfigError) as info:
         a.parse(annotations)
     assert [err.field for err in info.value.errors] == named
+
+
+@pytest.mark.parametrize(
+    ("text", "resize"), [(None, False), ("true", True), (" True ", True), ("false", False)]
+)
+def test_resize_when_scaled_down(text: str | None, resize: bool) -> None:
+    annotations = {a.PORTS_MAP: "web=80"}
+    if text is not None:
+        annotations[a.RESIZE_WHEN_SCALED_DOWN] = text
+    assert a.parse(annotations).resize_when_scaled_down is resize
+
+
+def test_resize_when_scaled_down_says_how_to_write_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        a.parse({a.PORTS_MAP: "web=80", a.RESIZE_WHEN_SCALED_DOWN: "yes"})
+    (error,) = info.value.errors
+    assert str(error) == (
+        "pod-activator.dev/resize-when-scaled-down: 'yes' is not a boolean; "
+        'write "true" or "false"'
+    )
 
 
 def test_enabled_only_with_our_keys() -> None:
@@ -100,6 +121,7 @@ def test_downward_api_file() -> None:
                 a.CLOSE_IDLE_AFTER,
                 a.PROBE_SOURCES,
                 a.PROBE_DEFAULT_STATUS,
+                a.RESIZE_WHEN_SCALED_DOWN,
             ]
         ),
         st.text(max_size=20),
