@@ -41,6 +41,7 @@ from activator.control import ControlServer
 from activator.criu import Criu, CriuError, Externals, find_criu
 from activator.holder import Holder, HolderError
 from activator.inject import METRICS_PORT
+from activator.kube.reporter import KubeReporter
 from activator.metrics import Metrics, MetricsReporter, start_exporter
 from activator.pod import SpawnFailed
 from activator.report import EventLog
@@ -299,7 +300,8 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
     events_log = EventLog(events)
     metrics = Metrics()
     start_exporter(metrics, int(os.environ.get(METRICS_PORT_ENV, METRICS_PORT)))
-    reporter = MetricsReporter(metrics, then=events_log)
+    # Kubernetes learns of each phase: pod labels, Events, requests resized.
+    reporter = KubeReporter.from_env(then=MetricsReporter(metrics, then=events_log))
     configs: list[PodConfig] = []
     try:
         found = pod_annotations.read_downward_api((podinfo / "annotations").read_text())
@@ -337,5 +339,6 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
         return 0
     finally:
         await agent.stop_all()
+        await reporter.close()  # the last labels (stopped) go out first
         await control.close()
         redirects.thread.close()
