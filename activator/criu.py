@@ -89,6 +89,10 @@ class Launcher(Protocol):
         """The name CRIU (maybe in other namespaces) knows `ours` by."""
         ...
 
+    def credentials(self) -> int:
+        """A process whose user and capabilities CRIU will have (for pre-flight)."""
+        ...
+
 
 class LocalLauncher:
     """CRIU as our child, in our namespaces."""
@@ -101,6 +105,9 @@ class LocalLauncher:
 
     def path(self, ours: Path) -> str:
         return str(ours)
+
+    def credentials(self) -> int:
+        return os.getpid()
 
 
 def find_criu() -> Path:
@@ -159,6 +166,8 @@ class Criu:
             json.dump(output_pipes(pid), record)
         with self._dump_lock(pid):
             self._call("dump", opts, images, pass_fds=(), on_start=on_start)
+        if "net" in externals.namespaces:
+            forget_conntrack(images)
         return image_bytes(images)
 
     def restore(
@@ -182,6 +191,8 @@ class Criu:
                 fds.append(externals.output)
                 for key in recorded_output_pipes(images):
                     opts.inherit_fd.add(key=key, fd=externals.output)
+            if "net" in externals.namespaces:
+                forget_conntrack(images)  # an image dumped before it was done at dump
             response = self._call("restore", opts, images, tuple(fds), on_start)
             return int(response.pid)
 
@@ -303,6 +314,29 @@ def recorded_output_pipes(images: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     return [k for k in keys if isinstance(k, str) and k.startswith("pipe:[")]
+
+
+def forget_conntrack(images: Path) -> None:
+    """Empty the connection-tracking table CRIU saved with the pod's network
+    namespace, so that a restore leaves the live table alone.
+
+    CRIU dumps a network namespace's conntrack entries even when the namespace
+    is external, and a restore writes each one back (create or update). The
+    pod's namespace is not restored, it lives on, and the activator keeps
+    accepting connections in it during the checkpoint and the restore: writing
+    back the table of the dump overwrites the entry of such a connection when
+    its client port was used before by a connection still remembered then
+    (TIME_WAIT). The entry gets the old state and timer, and when that timer
+    runs out its port redirect goes with it: the app's answer leaves the pod
+    from the shadow port instead of the app's, the client resets it, and
+    waits for an answer that never comes (entries that expired since the
+    dump came back to life too). The app's own connections are closed at the
+    dump (tcp_close): nothing in the table is the image's to restore. The
+    images are raw netlink messages: empty means no entry.
+    """
+    for pattern in ("netns-ct-*.img", "netns-exp-*.img"):
+        for table in images.glob(pattern):
+            os.truncate(table, 0)
 
 
 def image_bytes(images: Path) -> int:

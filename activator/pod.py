@@ -227,7 +227,7 @@ class PodDriver:
         memory and only the sealed files reach the disk. The image's size.
 
         What CRIU cannot dump is found first, without touching the app."""
-        if found := preflight.problems(pid):
+        if found := preflight.problems(pid, self.criu.launcher.credentials()):
             raise CriuError("cannot checkpoint: " + "; ".join(found))
         if self.config.image_key is None:
             return self._criu("checkpoint", images, self.criu.dump, pid, images, externals)

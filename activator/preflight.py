@@ -25,16 +25,21 @@ def has_capability(cap: int, status: Path = Path("/proc/self/status")) -> bool:
     return False
 
 
-def problems(root_pid: int) -> list[str]:
-    """Why the process tree at `root_pid` cannot be checkpointed; empty if it can."""
+def problems(root_pid: int, criu_like: int | None = None) -> list[str]:
+    """Why the process tree at `root_pid` cannot be checkpointed; empty if it can.
+
+    `criu_like`: a process with the user and capabilities CRIU will run with
+    (a sidecar's CRIU runs in the app container, as the holder's child); us
+    by default."""
     try:
         root = psutil.Process(root_pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return [f"process {root_pid} is gone"]
     found: list[str] = []
-    if not has_capability(CAP_SYS_RESOURCE):
-        me = os.geteuid()
+    status = Path(f"/proc/{criu_like or os.getpid()}/status")
+    if not has_capability(CAP_SYS_RESOURCE, status):
+        me = os.geteuid() if criu_like is None else psutil.Process(criu_like).uids().effective
         foreign: dict[int, list[psutil.Process]] = {}
         for proc in tree:
             try:
@@ -48,7 +53,7 @@ def problems(root_pid: int) -> list[str]:
             found.append(
                 f"{len(procs)} process(es) ({', '.join(names)}; pid {procs[0].pid} first) run as"
                 f" uid {uid}: CRIU can only dump them with CAP_SYS_RESOURCE, which this"
-                " activator lacks; run the app as root or give the activator CAP_SYS_RESOURCE"
+                " CRIU lacks here; run the app as root or give CRIU CAP_SYS_RESOURCE"
             )
     for proc in tree:
         if _uses_io_uring(proc.pid):

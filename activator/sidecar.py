@@ -124,6 +124,11 @@ class HolderLauncher:
     def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
         return self._swrk(pass_fds)
 
+    def credentials(self) -> int:
+        if self.holder.pid is None:
+            raise CriuError("not connected to the app container's holder")
+        return self.holder.pid
+
     def path(self, ours: Path) -> str:
         if not ours.is_relative_to(self.shared):
             raise CriuError(f"{ours} is outside the volume shared with the app ({self.shared})")

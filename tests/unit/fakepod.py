@@ -25,7 +25,7 @@ import uvloop
 from activator import commands as c
 from activator.children import child_exit, stop_child
 from activator.config import PodConfig
-from activator.criu import CriuError, Externals, OnStart
+from activator.criu import CriuError, Externals, LocalLauncher, OnStart
 from activator.pod import PodDriver, SpawnFailed
 from netns.proc import Process, end
 
@@ -125,6 +125,8 @@ class FakeSandbox:
 
 
 class FakeCriu:
+    launcher = LocalLauncher(Path("criu"))  # only its pre-flight answers are used
+
     def __init__(self, app: str, port: int) -> None:
         self.app = app
         self.port = port
