@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from activator.config import ConfigError, PodConfig, pod_config
+from activator.control import ControlServer
 from activator.criu import Criu
 from activator.pod import PodDriver, Reporter, Sandbox
 
@@ -106,3 +109,25 @@ class Agent:
             await self.remove(str(request.get("pod")))
             return {}
         raise AgentError(f"unknown request {op!r}")
+
+
+def stop_signal() -> asyncio.Event:
+    """Set on SIGINT or SIGTERM (the handlers only set it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@asynccontextmanager
+async def serving(agent: Agent) -> AsyncIterator[Agent]:
+    """`agent` answering its control socket; on the way out, every pod removed."""
+    control = ControlServer(agent.handle)
+    await control.start()
+    try:
+        yield agent
+    finally:
+        log.info("stopping: removing %d pod(s)", len(agent.pods))
+        await agent.stop_all()
+        await control.close()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from pathlib import Path
 from typing import TextIO
 
 from activator import kdat
-from activator.agent import Agent
+from activator.agent import Agent, serving, stop_signal
 from activator.config import PodConfig
-from activator.control import ControlServer
 from activator.criu import Criu, CriuOptions, find_criu
 from activator.localpod import LocalSandbox
 from activator.report import EventLog
@@ -37,14 +34,8 @@ async def serve(
     criu_options: CriuOptions | None = None,
 ) -> int:
     """Run `configs` as local pods until SIGINT or SIGTERM; then remove them all."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)  # handlers only set a flag
-    agent = local_agent(state_root, events, criu_options)
-    control = ControlServer(agent.handle)
-    await control.start()
-    try:
+    stop = stop_signal()
+    async with serving(local_agent(state_root, events, criu_options)) as agent:
         for config in configs:
             try:
                 await agent.add(config)
@@ -52,8 +43,4 @@ async def serve(
                 log.error("pod %s could not be created: %s", config.name, exc)
                 return 1
         await stop.wait()
-        log.info("stopping: removing %d pod(s)", len(agent.pods))
         return 0
-    finally:
-        await agent.stop_all()
-        await control.close()

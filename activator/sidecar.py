@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -35,9 +34,8 @@ from pyroute2 import IPRoute
 
 from activator import annotations as pod_annotations
 from activator import commands as c
-from activator.agent import Agent
+from activator.agent import Agent, serving, stop_signal
 from activator.config import ConfigError, FieldError, PodConfig
-from activator.control import ControlServer
 from activator.criu import Criu, CriuError, Externals, find_criu
 from activator.holder import Holder, HolderError
 from activator.inject import METRICS_PORT
@@ -297,10 +295,7 @@ def container_configs(settings: pod_annotations.PodSettings) -> list[PodConfig]:
 async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
     """Manage the pod's annotated containers until SIGTERM; a pod with bad
     annotations is left running unmanaged (the errors are logged and reported)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     install_holder(shared)
     events_log = EventLog(events)
     metrics = Metrics()
@@ -332,18 +327,15 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
         reporter,
         lambda config: ContainerSandbox(config, shared, redirects, addresses),
     )
-    control = ControlServer(agent.handle)
-    await control.start()
     try:
-        for config in configs:
-            try:
-                await agent.add(config)
-            except (HolderError, SpawnFailed, CriuError, OSError) as exc:
-                log.error("container %s left unmanaged: %s", config.name, exc)
-        await stop.wait()
-        return 0
+        async with serving(agent):
+            for config in configs:
+                try:
+                    await agent.add(config)
+                except (HolderError, SpawnFailed, CriuError, OSError) as exc:
+                    log.error("container %s left unmanaged: %s", config.name, exc)
+            await stop.wait()
+            return 0
     finally:
-        await agent.stop_all()
-        await reporter.close()  # the last labels (stopped) go out first
-        await control.close()
+        await reporter.close()  # the last labels (stopped) go out too
         redirects.thread.close()

@@ -40,11 +40,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from netns.proc import Process, descendants_of, members_of, ns_inode_of
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 ACTIVATOR = BIN / "activator"
+# For test modules that run servers under the activator: `pytestmark = NEEDS_ROOT`.
+NEEDS_ROOT = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, nftables, CRIU)"),
+    pytest.mark.skipif(not ACTIVATOR.exists(), reason="no .venv/bin/activator: run scripts/setup"),
+]
+# The events that mean a cycle went wrong.
+FAILURES = ("checkpoint-failed", "restore-failed", "app-exited", "start-failed", "failed")
 PYTHON = BIN / "python"
 RUN_DIR = Path("/run/pod-activator")
 AGENTS_DIR = RUN_DIR / "agents"

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.servers import (
-    ACTIVATOR,
+    FAILURES,
+    NEEDS_ROOT,
     SERVERS,
     START_TIMEOUT,
     Event,
@@ -47,14 +48,9 @@ from tests.integration.servers import (
     read_image_tree,
 )
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, nftables, CRIU)"),
-    pytest.mark.skipif(not ACTIVATOR.exists(), reason="no .venv/bin/activator: run scripts/setup"),
-]
+pytestmark = NEEDS_ROOT
 
 CYCLES = 3
-FAILURES = ("checkpoint-failed", "restore-failed", "app-exited", "start-failed", "failed")
 
 StartPod = Callable[[Server], PodRun]
 

@@ -22,13 +22,13 @@ Timings are measured by bench/wordpress.py, never asserted here.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.integration.servers import (
-    ACTIVATOR,
+    FAILURES,
+    NEEDS_ROOT,
     Event,
     PodRun,
     Scratch,
@@ -39,14 +39,9 @@ from tests.integration.servers import (
 )
 from tests.integration.wordpress import Stack, WordPressWeb, check_available, scale_down
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, nftables, CRIU)"),
-    pytest.mark.skipif(not ACTIVATOR.exists(), reason="no .venv/bin/activator: run scripts/setup"),
-]
+pytestmark = NEEDS_ROOT
 
 CYCLES = 3
-FAILURES = ("checkpoint-failed", "restore-failed", "app-exited", "start-failed", "failed")
 
 
 @pytest.fixture(scope="module")

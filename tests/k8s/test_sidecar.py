@@ -108,6 +108,12 @@ class ManagedPod:
 
 StartPod = Callable[..., ManagedPod]
 
+# zeropod's annotations, as a user writes them.
+MANAGED = {
+    "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
+    "zeropod.ctrox.dev/scaledown-duration": "1s",
+}
+
 
 @pytest.fixture
 def managed_pod(containerd: Containerd, tmp_path: Path) -> Iterator[StartPod]:
@@ -181,12 +187,7 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
     """Three cycles: the counter's memory survives, containerd reports the app
     container running throughout, its first process (the holder) never
     exits, and the app's output after each wake reaches the container log."""
-    managed = managed_pod(
-        {
-            "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
-            "zeropod.ctrox.dev/scaledown-duration": "1s",
-        }
-    )
+    managed = managed_pod(MANAGED)
     managed.wait_for("running", timeout=START_TIMEOUT)
     holder = proc.Process.of(managed.pod.containers["app"].pid)
     assert holder is not None
@@ -222,12 +223,7 @@ def test_the_container_stop_signal_reaches_the_app_and_its_status_the_runtime(
     """While the app runs, stopping its container (SIGTERM to the holder, as
     kubelet does) ends the app, and the container exits with the app's status
     (the counter does not catch SIGTERM: 128 + 15). A restored app too."""
-    managed = managed_pod(
-        {
-            "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
-            "zeropod.ctrox.dev/scaledown-duration": "1s",
-        }
-    )
+    managed = managed_pod(MANAGED)
     managed.wait_for("running", timeout=START_TIMEOUT)
     managed.get()
     managed.wait_for("scaled-down", after=managed.mark())
@@ -259,12 +255,7 @@ def test_a_bad_annotation_leaves_the_pod_running_unmanaged(managed_pod: StartPod
 def test_stopping_the_pod_as_kubelet_does_leaves_nothing(managed_pod: StartPod) -> None:
     """kubelet stops the app containers, then the sidecar, then the sandbox:
     no process, no image, no nft table is left."""
-    managed = managed_pod(
-        {
-            "zeropod.ctrox.dev/ports-map": f"app={APP_PORT}",
-            "zeropod.ctrox.dev/scaledown-duration": "1s",
-        }
-    )
+    managed = managed_pod(MANAGED)
     managed.wait_for("running", timeout=START_TIMEOUT)
     managed.get()
     managed.wait_for("scaled-down", after=managed.mark())

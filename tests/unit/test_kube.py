@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,15 @@ import uvloop
 
 from activator import annotations as a
 from activator import certs
-from activator import commands as c
 from activator import events as e
 from activator.config import PodConfig
 from activator.criu import CriuError, log_tail
 from activator.kube import status as st
 from activator.kube.api import KubeApi
 from activator.kube.reporter import KubeReporter
-from activator.lifecycle import Lifecycle, Phase, Policy
+from activator.lifecycle import Phase
 from activator.pod import PodDriver
+from tests.unit.reporting import Clock, Pod, Recorder, feed
 
 from .fakeapi import FakeApiServer, allowed, sidecar_rules
 from .fakepod import FakeCriu, FakeSandbox, free_port, get, until
@@ -88,37 +88,6 @@ def pod_json(**annotations: str) -> dict[str, Any]:
 
 
 RESIZING = {a.RESIZE_WHEN_SCALED_DOWN: "true"}
-
-
-@dataclass
-class Pod:
-    """What a Reporter reads of a PodDriver: its name and its lifecycle."""
-
-    name: str
-    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(Policy(scaledown_after=10)))
-
-
-@dataclass
-class Recorder:
-    reports: list[str] = field(default_factory=list)
-
-    def report(self, pod: Any, report: c.Report) -> None:
-        self.reports.append(report.event)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0  # a whole second: micro_time must still write 6 digits
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def feed(reporter: KubeReporter, pod: Pod, event: e.Event) -> None:
-    """As the pod driver does: handle the event, dispatch its reports."""
-    for command in pod.lifecycle.handle(event):
-        if isinstance(command, c.Report):
-            reporter.report(pod, command)  # type: ignore[arg-type]
 
 
 def boot(reporter: KubeReporter, pod: Pod) -> None:

@@ -3,44 +3,11 @@
 from __future__ import annotations
 
 import urllib.request
-from dataclasses import dataclass, field
-from typing import Any
 
 from activator import commands as c
 from activator import events as e
-from activator.lifecycle import Lifecycle, Policy
 from activator.metrics import Metrics, MetricsReporter, start_exporter
-
-
-@dataclass
-class Pod:
-    """What a Reporter reads of a PodDriver: its name and its lifecycle."""
-
-    name: str
-    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(Policy(scaledown_after=10)))
-
-
-@dataclass
-class Recorder:
-    reports: list[str] = field(default_factory=list)
-
-    def report(self, pod: Any, report: c.Report) -> None:
-        self.reports.append(report.event)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def feed(reporter: MetricsReporter, pod: Pod, event: e.Event) -> None:
-    """As the pod driver does: handle the event, dispatch its reports."""
-    for command in pod.lifecycle.handle(event):
-        if isinstance(command, c.Report):
-            reporter.report(pod, command)  # type: ignore[arg-type]
+from tests.unit.reporting import Clock, Pod, Recorder, feed
 
 
 def value(metrics: Metrics, name: str, pod: str = "web", **labels: str) -> float | None:
