@@ -12,9 +12,11 @@ reported as one (`probe_opened`), never as activity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -107,12 +109,32 @@ class _Upstream(_Side):
         client = self.client
         client.last_activity = time.monotonic()
         client.awaiting_response = False
+        client.bytes_to_client += len(data)
         if client.first_byte_at is None:
             client.first_byte_at = client.last_activity
             client.events.first_byte(client)
         if client.probe is not None:
             self._learn_probe_answer(data)
         super().data_received(data)
+
+    def eof_received(self) -> bool:
+        # The app's FIN goes on to the client after whatever came before it
+        # (a half close: the client may still send).
+        if self.client.first_byte_at is None:
+            self.client.app_ended_unanswered("closed the connection", "a FIN")
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        client = self.client
+        if exc is not None and client.first_byte_at is None and not client.closed:
+            # Reset by the app before a byte of answer: the client gets a reset
+            # too, which it cannot take for an (empty) answer.
+            self.closed = True
+            client.app_ended_unanswered(f"reset the connection ({exc})", "a reset")
+            if client.transport is not None:
+                reset(client.transport)
+            return
+        super().connection_lost(exc)
 
     def _learn_probe_answer(self, data: bytes) -> None:
         """Remember what the app answered a probe (it is answered for it later)."""
@@ -159,6 +181,8 @@ class ClientConnection(_Side):
         self.first_byte_at: float | None = None
         self.probe: probes.Verdict | None = None
         self.early_data: list[bytes] = []  # read before the app was connected
+        self.bytes_to_app = 0
+        self.bytes_to_client = 0
         self.http2_preface_sent = False
         self.draining = False
         self._sniff_timer: asyncio.TimerHandle | None = None
@@ -230,6 +254,7 @@ class ClientConnection(_Side):
             elif self.transport is not None:
                 self.transport.pause_reading()
             return
+        self.bytes_to_app += len(data)
         super().data_received(data)
 
     def eof_received(self) -> bool:
@@ -272,6 +297,17 @@ class ClientConnection(_Side):
         if self._sniff_timer is not None:
             self._sniff_timer.cancel()
             self._sniff_timer = None
+        if exc is not None and self.peer is not None:
+            log.info(
+                "connection %d on port %d from %s: lost (%s) after %d bytes to the app "
+                "and %d to the client",
+                self.id,
+                self.port,
+                self.peer_address,
+                exc,
+                self.bytes_to_app,
+                self.bytes_to_client,
+            )
         super().connection_lost(exc)
         self.events.connection_closed(self)
 
@@ -309,7 +345,7 @@ class ClientConnection(_Side):
             self.refuse(f"relay to the app failed: {exc}")
             return
         self.peer = upstream
-        if self.closed:
+        if self.closed or upstream.closed:  # either side ended while connecting
             upstream.close()
             return
         assert upstream.transport is not None
@@ -321,17 +357,40 @@ class ClientConnection(_Side):
         )
         for chunk in self.early_data:
             upstream.transport.write(chunk)
+            self.bytes_to_app += len(chunk)
         self.early_data.clear()
         if self.eof:
             upstream.transport.write_eof()
         assert self.transport is not None
         self.transport.resume_reading()
 
+    def app_ended_unanswered(self, how: str, client_gets: str) -> None:
+        log.warning(
+            "connection %d on port %d from %s: the app %s before answering "
+            "(%d bytes relayed to it); the client gets %s",
+            self.id,
+            self.port,
+            self.peer_address,
+            how,
+            self.bytes_to_app,
+            client_gets,
+        )
+
     def refuse(self, reason: str) -> None:
         log.warning("connection %d on port %d refused: %s", self.id, self.port, reason)
         if self.transport is not None:
             # A reset, not a FIN: the client must not mistake this for an answer.
-            self.transport.abort()
+            reset(self.transport)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with a reset. abort() alone closes the socket, which sends a FIN
+    unless bytes the client sent are still unread in the kernel."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class ShadowListener:
