@@ -99,15 +99,47 @@ class LocalLauncher:
 
     def __init__(self, binary: Path) -> None:
         self.binary = binary
+        self._command: list[str] | None = None
 
     def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
-        return _swrk(self.binary, pass_fds)
+        if self._command is None:
+            # Straight through CRIU's loader: the wrapper's shell costs a wake 1-2 ms.
+            try:
+                self._command = criu_command("")
+            except CriuNotFound:
+                self._command = [str(self.binary)]
+        return _swrk(self._command, pass_fds)
 
     def path(self, ours: Path) -> str:
         return str(ours)
 
     def credentials(self) -> int:
         return os.getpid()
+
+
+def criu_command(root: str) -> list[str]:
+    """How to run our CRIU without a shell: through its own loader, every path
+    under `root` (our root as another mount namespace sees it, for a sidecar:
+    nothing of the app's image is used, it may have no libc at all)."""
+    prefix = Path(sys.prefix) / "criu"  # scripts/setup's private CRIU, if it made one
+    loaders = sorted(prefix.glob("usr/lib/*/ld-linux-*.so.*"))
+    if loaders:
+        libraries = [loaders[0].parent]
+        binary = prefix / "usr/sbin/criu"
+    else:
+        system = shutil.which("criu")
+        loaders = sorted(Path("/lib64").glob("ld-linux-*.so.*"))
+        if system is None or not loaders:
+            raise CriuNotFound("no criu (or no loader for it) here: run scripts/setup")
+        binary = Path(system).resolve()
+        triplet = f"{os.uname().machine}-linux-gnu"
+        libraries = [Path("/lib") / triplet, Path("/usr/lib") / triplet]
+    return [
+        root + str(loaders[0]),
+        "--library-path",
+        ":".join(root + str(d) for d in libraries),
+        root + str(binary),
+    ]
 
 
 def find_criu() -> Path:
@@ -275,11 +307,11 @@ class Criu:
 
 
 @contextmanager
-def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[tuple[socket.socket, int]]:
+def _swrk(command: list[str], pass_fds: tuple[int, ...]) -> Iterator[tuple[socket.socket, int]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = subprocess.Popen(
-            [str(binary), "swrk", str(theirs.fileno())],
+            [*command, "swrk", str(theirs.fileno())],
             pass_fds=(theirs.fileno(), *pass_fds),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -288,7 +320,7 @@ def _swrk(binary: Path, pass_fds: tuple[int, ...]) -> Iterator[tuple[socket.sock
         )
     except OSError as exc:
         ours.close()
-        raise CriuNotFound(f"cannot run {binary}: {exc.strerror}: run scripts/setup") from exc
+        raise CriuNotFound(f"cannot run {command[0]}: {exc.strerror}: run scripts/setup") from exc
     finally:
         theirs.close()
     try:

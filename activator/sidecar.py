@@ -36,7 +36,7 @@ from activator import annotations as pod_annotations
 from activator import commands as c
 from activator.agent import Agent, serving, stop_signal
 from activator.config import ConfigError, FieldError, PodConfig
-from activator.criu import Criu, CriuError, Externals, find_criu
+from activator.criu import Criu, CriuError, Externals, criu_command, find_criu
 from activator.holder import Holder, HolderError
 from activator.inject import METRICS_PORT
 from activator.kube.reporter import KubeReporter
@@ -62,31 +62,6 @@ METRICS_PORT_ENV = "POD_ACTIVATOR_METRICS_PORT"
 
 class SidecarError(Exception):
     pass
-
-
-def criu_command(root: str) -> list[str]:
-    """How a process in another mount namespace runs our CRIU: through its
-    loader, with every path under `root` (our root seen from there), so that
-    nothing of the app's image is used (it may have no libc at all)."""
-    prefix = Path(sys.prefix) / "criu"  # scripts/setup's private CRIU, if it made one
-    loaders = sorted(prefix.glob("usr/lib/*/ld-linux-*.so.*"))
-    if loaders:
-        libraries = [loaders[0].parent]
-        binary = prefix / "usr/sbin/criu"
-    else:
-        system = shutil.which("criu")
-        loaders = sorted(Path("/lib64").glob("ld-linux-*.so.*"))
-        if system is None or not loaders:
-            raise SidecarError("no criu (or no loader for it) here: run scripts/setup")
-        binary = Path(system).resolve()
-        triplet = f"{os.uname().machine}-linux-gnu"
-        libraries = [Path("/lib") / triplet, Path("/usr/lib") / triplet]
-    return [
-        root + str(loaders[0]),
-        "--library-path",
-        ":".join(root + str(d) for d in libraries),
-        root + str(binary),
-    ]
 
 
 class HolderLauncher:
