@@ -16,6 +16,8 @@ after its activator was killed).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ from netns import proc
 
 LOG_TAIL_LINES = 8
 OUTPUT_PIPES = "output-pipes.json"
+DUMP_LOCKS = Path("/run/pod-activator/dump-locks")
 
 OnStart = Callable[[int], None]  # called with CRIU's pid
 
@@ -160,26 +163,31 @@ class Criu:
         self.binary = binary
         self.options = options or CriuOptions()
         self.launcher = launcher or LocalLauncher(binary)
-        self._dumps_by_cwd: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
 
     def using(self, launcher: Launcher) -> Criu:
-        """The same CRIU, started by `launcher` (dump locks shared)."""
-        other = Criu(self.binary, self.options, launcher)
-        other._dumps_by_cwd, other._locks_lock = self._dumps_by_cwd, self._locks_lock
-        return other
+        """The same CRIU, started by `launcher`."""
+        return Criu(self.binary, self.options, launcher)
 
-    def _dump_lock(self, pid: int) -> threading.Lock:
-        """One dump at a time per working directory: CRIU's parasite makes a
-        temporary directory there named after the task's pid, and apps of
-        different pods share pids (each is pid 2 or so in its own namespace):
-        concurrent dumps then fail with EEXIST (seen by the bench)."""
+    @contextmanager
+    def _dump_lock(self, pid: int) -> Iterator[None]:
+        """One dump at a time per working directory, on this machine: CRIU's
+        parasite makes a temporary directory there named after the task's pid,
+        and apps of different pods share pids (each is pid 2 or so in its own
+        namespace): concurrent dumps then fail with EEXIST (seen by the bench,
+        and between activators). A file lock: it holds across threads and
+        processes alike."""
         try:
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             cwd = ""
-        with self._locks_lock:
-            return self._dumps_by_cwd.setdefault(cwd, threading.Lock())
+        DUMP_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = hashlib.sha256(cwd.encode(errors="surrogateescape")).hexdigest()[:32]
+        fd = os.open(DUMP_LOCKS / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # and the lock with it
 
     def dump(
         self, pid: int, images: Path, externals: Externals, on_start: OnStart = _nothing
