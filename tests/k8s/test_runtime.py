@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,11 +30,19 @@ pytestmark = [
 ]
 
 
-def get(url: str) -> dict[str, str]:
-    """GET the counter app: {'count': 'N', 'boot': 'ID'}."""
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        body: str = resp.read().decode()
-    return dict(field.split("=", 1) for field in body.split())
+def get(url: str, wait: float = 10.0) -> dict[str, str]:
+    """GET the counter app: {'count': 'N', 'boot': 'ID'}; a container just
+    started may not listen yet (refused connections are retried for `wait` s)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body: str = resp.read().decode()
+            return dict(field.split("=", 1) for field in body.split())
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def cmdline(pid: int) -> list[str]:
