@@ -49,6 +49,17 @@ CLOSE_IDLE_AFTER = OURS + "close-idle-after"
 PROBE_SOURCES = OURS + "probe-sources"
 PROBE_DEFAULT_STATUS = OURS + "probe-default-status"
 RESIZE_WHEN_SCALED_DOWN = OURS + "resize-when-scaled-down"
+# Every key this module reads.
+KEYS = (
+    PORTS_MAP,
+    CONTAINER_NAMES,
+    SCALEDOWN_DURATION,
+    DISABLE_PROBE_DETECTION,
+    CLOSE_IDLE_AFTER,
+    PROBE_SOURCES,
+    PROBE_DEFAULT_STATUS,
+    RESIZE_WHEN_SCALED_DOWN,
+)
 
 
 @dataclass(frozen=True)

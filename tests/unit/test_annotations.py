@@ -112,18 +112,7 @@ def test_downward_api_file() -> None:
 
 @given(
     st.dictionaries(
-        st.sampled_from(
-            [
-                a.PORTS_MAP,
-                a.CONTAINER_NAMES,
-                a.SCALEDOWN_DURATION,
-                a.DISABLE_PROBE_DETECTION,
-                a.CLOSE_IDLE_AFTER,
-                a.PROBE_SOURCES,
-                a.PROBE_DEFAULT_STATUS,
-                a.RESIZE_WHEN_SCALED_DOWN,
-            ]
-        ),
+        st.sampled_from(a.KEYS),
         st.text(max_size=20),
     )
 )

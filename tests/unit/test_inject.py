@@ -376,19 +376,7 @@ def test_a_fixed_pod_loses_the_old_reason() -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(
-            [
-                a.PORTS_MAP,
-                a.CONTAINER_NAMES,
-                a.SCALEDOWN_DURATION,
-                a.DISABLE_PROBE_DETECTION,
-                a.CLOSE_IDLE_AFTER,
-                a.PROBE_SOURCES,
-                a.PROBE_DEFAULT_STATUS,
-                inj.SKIPPED,
-                "other/key",
-            ]
-        ),
+        st.sampled_from([*a.KEYS, inj.SKIPPED, "other/key"]),
         st.one_of(
             st.sampled_from(["web", "web=8080", "log", "10s", "true", "503", "10.0.0.0/8", ""]),
             st.text(max_size=12),
