@@ -271,7 +271,11 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
     """Manage the pod's annotated containers until SIGTERM; a pod with bad
     annotations is left running unmanaged (the errors are logged and reported)."""
     stop = stop_signal()
-    install_holder(shared)
+    try:
+        install_holder(shared)
+    except (SidecarError, OSError) as exc:
+        log.error("cannot put the holder in %s: %s", shared, exc)
+        return 1
     events_log = EventLog(events)
     metrics = Metrics()
     start_exporter(metrics, int(os.environ.get(METRICS_PORT_ENV, METRICS_PORT)))
