@@ -140,6 +140,7 @@ class ContainerSandbox:
         self.redirects = redirects
         self.holder = Holder(shared / "run" / f"{config.name}.sock", self._app_exited)
         self._ended: dict[int, asyncio.Future[int]] = {}
+        self._ended_unwatched: dict[int, int] = {}
         self._adopting: set[asyncio.Future[None]] = set()
         self._managed = False
         self.criu_launcher = HolderLauncher(self.holder, shared)
@@ -171,6 +172,10 @@ class ContainerSandbox:
             raise SpawnFailed(str(exc)) from exc
 
     def app_exit(self, pid: int) -> asyncio.Future[int]:
+        if (status := self._ended_unwatched.pop(pid, None)) is not None:
+            ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            ended.set_result(status)
+            return ended
         if pid not in self._ended:
             self._ended[pid] = asyncio.get_running_loop().create_future()
             # The holder learns of a restored app only from us; it forwards
@@ -188,7 +193,11 @@ class ContainerSandbox:
 
     def _app_exited(self, pid: int, status: int) -> None:
         ended = self._ended.pop(pid, None)
-        if ended is not None and not ended.done():
+        if ended is None:
+            # The app ended between the holder's reply and our watch: kept
+            # for app_exit, which the driver calls next.
+            self._ended_unwatched[pid] = status
+        elif not ended.done():
             ended.set_result(status)
 
     async def stop_app(self, pid: int, ended: asyncio.Future[int]) -> None:
