@@ -39,7 +39,8 @@ class Journal:
         self._current: Operation | None = None
 
     def begin(self, kind: str, images: Path) -> None:
-        self._write(Operation(kind, str(images)))
+        # Written only once CRIU runs: before that, nothing is left to decide.
+        self._current = Operation(kind, str(images))
 
     def criu_started(self, pid: int) -> None:
         """Called with CRIU's pid as soon as it runs, before it touches the app."""
@@ -70,13 +71,14 @@ class Journal:
             ) from exc
 
     def _write(self, operation: Operation) -> None:
+        # No fsync: the journal is for an activator killed, not a machine
+        # rebooted (which leaves no CRIU and no app to decide about), and it
+        # is on the wake's path.
         self._current = operation
         staging = self.path.with_suffix(".tmp")
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w") as out:
             json.dump(asdict(operation), out)
-            out.flush()
-            os.fsync(out.fileno())
         staging.rename(self.path)
 
 
