@@ -242,16 +242,16 @@ class PodDriver:
     def _restore_from_images(self) -> int:
         externals = self.sandbox.externals()
         key = self.config.image_key
-        if key is None and self.config.lazy_restore:
-            self._page_server = self.criu.serve_pages(self.images)
+        if key is None:
+            lazy = self.config.lazy_restore
+            if lazy:
+                self._page_server = self.criu.serve_pages(self.images)
             try:
-                restore = functools.partial(self.criu.restore, lazy=True)
+                restore = functools.partial(self.criu.restore, lazy=lazy)
                 return self._criu("restore", self.images, restore, self.images, externals)
             except CriuError:
-                self._stop_page_server()
+                self._stop_page_server()  # a lazy restore's, if any
                 raise
-        if key is None:
-            return self._criu("restore", self.images, self.criu.restore, self.images, externals)
         from activator import sealed
 
         plain = self._plain_dir("restore")

@@ -141,7 +141,9 @@ class FakeCriu:
         self.dumps += 1
         return 100
 
-    def restore(self, images: Path, externals: Externals, on_start: OnStart) -> int:
+    def restore(
+        self, images: Path, externals: Externals, on_start: OnStart, lazy: bool = False
+    ) -> int:
         on_start(os.getpid())
         if self.restore_error:
             raise CriuError(self.restore_error)
