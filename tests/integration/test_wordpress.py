@@ -117,22 +117,17 @@ def test_one_request_wakes_web_then_database_and_serves_the_post(stack: Stack) -
             assert set(run.app()) == images[run.name], f"cycle {cycle}: {run.name} processes"
 
 
-def test_half_cold_only_web_scaled_down(stack: Stack) -> None:
+@pytest.mark.parametrize("cold", ["web", "db"])
+def test_one_pod_scaled_down_only_it_is_restored(stack: Stack, cold: str) -> None:
+    """Half-cold: only web scaled down; or only the database, and web's PHP
+    reconnects to it."""
     web, db = _both_running(stack)
-    scale_down(web)
-    web_mark, db_mark = web.mark(), db.mark()
+    down, up = (web, db) if cold == "web" else (db, web)
+    scale_down(down)
+    down_mark, up_mark = down.mark(), up.mark()
     stack.get_post()
-    _restored(web, web_mark)
-    _untouched(db, db_mark)
-
-
-def test_only_the_database_scaled_down_web_reconnects(stack: Stack) -> None:
-    web, db = _both_running(stack)
-    scale_down(db)
-    web_mark, db_mark = web.mark(), db.mark()
-    stack.get_post()
-    _restored(db, db_mark)
-    _untouched(web, web_mark)
+    _restored(down, down_mark)
+    _untouched(up, up_mark)
 
 
 def test_warm_nothing_restored(stack: Stack) -> None:
