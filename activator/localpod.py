@@ -12,15 +12,16 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from activator.children import child_exit, stop_child
 from activator.config import PodConfig
 from activator.criu import Externals
 from activator.pod import SpawnFailed
-from netns import nft, proc
+from netns import nft, proc, sockdiag
 from netns.errors import NetnsError, SpawnError
 from netns.namespace import NetnsThread
 from netns.nft import Redirector
@@ -134,6 +135,21 @@ class LocalSandbox:
     async def redirect(self, shadow_ports: Mapping[int, int]) -> None:
         assert self.redirector is not None
         await self._in_pod().acall(self.redirector.install, shadow_ports)
+
+    async def switch_direct_path(
+        self, shadow_ports: Mapping[int, int], redirected: tuple[IPv4Network, ...] | None
+    ) -> None:
+        assert self.redirector is not None
+        await self._in_pod().acall(self.redirector.switch, shadow_ports, redirected)
+
+    async def direct_traffic(self, ports: Collection[int]) -> tuple[int, int]:
+        redirector = self.redirector
+        assert redirector is not None
+
+        def look() -> tuple[int, int]:
+            return sockdiag.open_connections(ports), redirector.direct_connections()
+
+        return await self._in_pod().acall(look)
 
     async def spawn_app(self, command: tuple[str, ...]) -> int:
         assert self.pause is not None

@@ -16,6 +16,12 @@ made inside the pod (the activator reaching the application on 127.0.0.1)
 take the output path and are left alone: that is how the activator gets to
 the application without being redirected to itself.
 
+With the fast path open (after a wake), only probes are redirected; other
+new connections go to the application directly and are counted:
+
+        ip saddr { 10.44.0.1 } tcp dport 8080 redirect to :18080
+        tcp dport 8080 counter name "direct"
+
 libnftables talks netlink on sockets of the calling thread's namespace, so
 the Nftables context is created and used on the pod's NetnsThread only.
 """
@@ -23,6 +29,7 @@ the Nftables context is created and used on the pod's NetnsThread only.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from ipaddress import IPv4Network
 from typing import Any
 
 import nftables
@@ -30,7 +37,16 @@ import nftables
 from netns.errors import NftError
 from netns.namespace import NetnsThread
 
-__all__ = ["CHAIN", "TABLE", "NftError", "Redirector", "install_batch", "remove_batch"]
+__all__ = [
+    "CHAIN",
+    "COUNTER",
+    "TABLE",
+    "NftError",
+    "Redirector",
+    "install_batch",
+    "remove_batch",
+    "switch_batch",
+]
 
 TABLE = "pod_activator"
 CHAIN = "prerouting"
@@ -38,6 +54,8 @@ _FAMILY = "ip"
 # NF_IP_PRI_NAT_DST, the priority `dstnat` names; libnftables 1.0.6's JSON
 # parser takes numbers only.
 _PRIO_DSTNAT = -100
+# Connections let through to the app directly (the fast path), counted.
+COUNTER = "direct"
 
 _Json = dict[str, Any]
 
@@ -46,13 +64,70 @@ def _table() -> _Json:
     return {"family": _FAMILY, "name": TABLE}
 
 
+def _table_of() -> _Json:
+    """How an object of the table (a counter) names its table."""
+    return {"family": _FAMILY, "table": TABLE}
+
+
 def _check_port(port: object, what: str) -> int:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise NftError(f"{what} {port!r} is not a TCP port number (1-65535)")
     return port
 
 
-def install_batch(redirects: Mapping[int, int]) -> _Json:
+def _redirect_rules(
+    redirects: Mapping[int, int], direct_except: tuple[IPv4Network, ...] | None
+) -> list[_Json]:
+    """The chain's rules: each app port redirected to its shadow port; with
+    `direct_except` (the fast path), only connections from those sources are,
+    and the others go straight to the app, counted by the table's COUNTER."""
+    rules = []
+    for app, shadow in sorted(redirects.items()):
+        _check_port(app, "application port")
+        _check_port(shadow, "shadow port")
+        if app == shadow:
+            raise NftError(f"port {app} cannot be redirected to itself")
+        dport = {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                "right": app,
+            }
+        }
+        redirect = {"redirect": {"port": shadow}}
+        if direct_except is None:
+            rules.append(_rule([dport, redirect]))
+            continue
+        if direct_except:
+            sources = {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                    "right": {
+                        "set": [
+                            {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+                            for net in direct_except
+                        ]
+                    },
+                }
+            }
+            rules.append(_rule([sources, dport, redirect]))
+        # A nat chain sees the first packet of a connection only: the counter
+        # counts connections. The ct match is there for its side effect too:
+        # without a ct or nat expression the namespace tracks no connections,
+        # and a nat chain then sees no packet at all.
+        new_connection = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["new"]}}
+        rules.append(_rule([new_connection, dport, {"counter": COUNTER}]))
+    return rules
+
+
+def _rule(expr: list[_Json]) -> _Json:
+    return {"add": {"rule": {"family": _FAMILY, "table": TABLE, "chain": CHAIN, "expr": expr}}}
+
+
+def install_batch(
+    redirects: Mapping[int, int], direct_except: tuple[IPv4Network, ...] | None = None
+) -> _Json:
     """One transaction that makes the table hold exactly `redirects` (app port -> shadow port).
 
     add + delete + add replaces the table whatever it held before, chains
@@ -61,33 +136,6 @@ def install_batch(redirects: Mapping[int, int]) -> _Json:
     a batch as one kernel transaction: readers see the old table or the new
     one, never none, and packets are never let through unredirected.
     """
-    rules = []
-    for app, shadow in sorted(redirects.items()):
-        _check_port(app, "application port")
-        _check_port(shadow, "shadow port")
-        if app == shadow:
-            raise NftError(f"port {app} cannot be redirected to itself")
-        rules.append(
-            {
-                "add": {
-                    "rule": {
-                        "family": _FAMILY,
-                        "table": TABLE,
-                        "chain": CHAIN,
-                        "expr": [
-                            {
-                                "match": {
-                                    "op": "==",
-                                    "left": {"payload": {"protocol": "tcp", "field": "dport"}},
-                                    "right": app,
-                                }
-                            },
-                            {"redirect": {"port": shadow}},
-                        ],
-                    }
-                }
-            }
-        )
     chain = {
         "family": _FAMILY,
         "table": TABLE,
@@ -103,9 +151,19 @@ def install_batch(redirects: Mapping[int, int]) -> _Json:
             {"delete": {"table": _table()}},
             {"add": {"table": _table()}},
             {"add": {"chain": chain}},
-            *rules,
+            {"add": {"counter": {**_table_of(), "name": COUNTER}}},
+            *_redirect_rules(redirects, direct_except),
         ]
     }
+
+
+def switch_batch(
+    redirects: Mapping[int, int], direct_except: tuple[IPv4Network, ...] | None
+) -> _Json:
+    """Replace the chain's rules in one transaction, keeping the table and its
+    counter: opening or closing the fast path loses no count."""
+    chain = {"family": _FAMILY, "table": TABLE, "name": CHAIN}
+    return {"nftables": [{"flush": {"chain": chain}}, *_redirect_rules(redirects, direct_except)]}
 
 
 def remove_batch() -> _Json:
@@ -113,13 +171,16 @@ def remove_batch() -> _Json:
     return {"nftables": [{"add": {"table": _table()}}, {"delete": {"table": _table()}}]}
 
 
-def _parse_rule(rule: _Json) -> tuple[int, int]:
+def _parse_rule(rule: _Json) -> tuple[int, int] | None:
+    """(app port, shadow port) of a redirect rule; None for a fast path's counting rule."""
     try:
-        match, redirect = rule["expr"]
+        *_, match, action = rule["expr"]  # the dport match is the last before the action
         left = match["match"]["left"]["payload"]
         if left != {"protocol": "tcp", "field": "dport"} or match["match"]["op"] != "==":
             raise ValueError(left)
-        return int(match["match"]["right"]), int(redirect["redirect"]["port"])
+        if action == {"counter": COUNTER}:
+            return None
+        return int(match["match"]["right"]), int(action["redirect"]["port"])
     except (KeyError, TypeError, ValueError) as exc:
         raise NftError(
             f"table {_FAMILY} {TABLE} holds a rule the activator did not write: {rule}; "
@@ -154,6 +215,25 @@ class Redirector:
         """Make the table redirect exactly `redirects` (app port -> shadow port). Idempotent."""
         self._run(f"install table {_FAMILY} {TABLE}", install_batch(redirects))
 
+    def switch(
+        self, redirects: Mapping[int, int], direct_except: tuple[IPv4Network, ...] | None
+    ) -> None:
+        """Open the fast path (`direct_except`: the sources still redirected)
+        or close it (None), on the installed table."""
+        what = "open the fast path" if direct_except is not None else "close the fast path"
+        self._run(what, switch_batch(redirects, direct_except))
+
+    def direct_connections(self) -> int:
+        """How many connections the fast path let through since the table was made."""
+        listing = self._run(
+            "read the fast path's counter",
+            {"nftables": [{"list": {"counter": {**_table_of(), "name": COUNTER}}}]},
+        )
+        for item in listing.get("nftables", []):
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        raise NftError(f"table {_FAMILY} {TABLE} has no counter {COUNTER!r}: reinstall it")
+
     def remove(self) -> None:
         """Delete the table. Idempotent."""
         self._run(f"remove table {_FAMILY} {TABLE}", remove_batch())
@@ -173,7 +253,6 @@ class Redirector:
         )
         redirects: dict[int, int] = {}
         for item in listing.get("nftables", []):
-            if "rule" in item:
-                app, shadow = _parse_rule(item["rule"])
-                redirects[app] = shadow
+            if "rule" in item and (redirect := _parse_rule(item["rule"])) is not None:
+                redirects[redirect[0]] = redirect[1]
         return redirects
