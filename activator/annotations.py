@@ -15,6 +15,7 @@ and ours, for what zeropod has no key for:
     pod-activator.dev/probe-sources: "10.0.0.0/8,192.168.1.5"
     pod-activator.dev/probe-default-status: "503"
     pod-activator.dev/resize-when-scaled-down: "true"   lower requests in place (kube/)
+    pod-activator.dev/fast-path: "true"                 local pods only, for now
 
 Every bad annotation is reported at once, named, with its fix; the caller
 then leaves the pod unmanaged rather than half-managed.
@@ -49,6 +50,7 @@ CLOSE_IDLE_AFTER = OURS + "close-idle-after"
 PROBE_SOURCES = OURS + "probe-sources"
 PROBE_DEFAULT_STATUS = OURS + "probe-default-status"
 RESIZE_WHEN_SCALED_DOWN = OURS + "resize-when-scaled-down"
+FAST_PATH = OURS + "fast-path"
 # Every key this module reads.
 KEYS = (
     PORTS_MAP,
@@ -59,6 +61,7 @@ KEYS = (
     PROBE_SOURCES,
     PROBE_DEFAULT_STATUS,
     RESIZE_WHEN_SCALED_DOWN,
+    FAST_PATH,
 )
 
 
@@ -77,6 +80,8 @@ class PodSettings:
     # are scaled down (activator/kube/); off unless asked: it frees the
     # node's capacity for other pods, which may then hold it on wake.
     resize_when_scaled_down: bool = False
+    # New connections reach the running app directly (activator/lifecycle.py).
+    fast_path: bool = False
 
     @property
     def managed(self) -> tuple[str, ...]:
@@ -128,6 +133,9 @@ def parse(annotations: Mapping[str, str]) -> PodSettings:
     resize = False
     if (text := annotations.get(RESIZE_WHEN_SCALED_DOWN)) is not None:
         resize = checked(_boolean(text, RESIZE_WHEN_SCALED_DOWN), False)
+    fast_path = False
+    if (text := annotations.get(FAST_PATH)) is not None:
+        fast_path = checked(_boolean(text, FAST_PATH), False)
     sources = [
         checked(parse_network(part, PROBE_SOURCES), None)
         for part in annotations.get(PROBE_SOURCES, "").split(",")
@@ -147,6 +155,7 @@ def parse(annotations: Mapping[str, str]) -> PodSettings:
         probe_sources=tuple(n for n in sources if n is not None),
         probe_default_status=default_status,
         resize_when_scaled_down=resize,
+        fast_path=fast_path,
     )
 
 

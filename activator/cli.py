@@ -76,6 +76,13 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
         help="wake before the memory is back: pages come on first touch (userfaultfd)",
     )
     parser.add_argument(
+        "--fast-path",
+        action="store_true",
+        default=None,
+        help="while the app runs, new connections go to it directly (probes excepted); "
+        "the activator only counts them (sock_diag, an nft counter)",
+    )
+    parser.add_argument(
         "--annotations",
         metavar="FILE",
         type=Path,
@@ -104,6 +111,7 @@ def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any
         "probe_default_status": args.probe_default_status,
         "image_key": args.image_key,
         "lazy_restore": args.lazy_restore,
+        "fast_path": args.fast_path,
     }
     if args.annotations is not None:
         for key, value in _annotation_settings(args.annotations).items():
@@ -111,6 +119,8 @@ def _pod_settings(args: argparse.Namespace, command: list[str]) -> dict[str, Any
                 settings[key] = value
     if settings["probe_detection"] is None:
         settings["probe_detection"] = True
+    if settings["fast_path"] is None:
+        settings["fast_path"] = False
     return settings
 
 
@@ -133,6 +143,7 @@ def _annotation_settings(path: Path) -> dict[str, Any]:
         "probe_detection": pod.probe_detection,
         "probe_sources": [str(net) for net in pod.probe_sources],
         "probe_default_status": str(pod.probe_default_status),
+        "fast_path": pod.fast_path,
     }
 
 

@@ -61,6 +61,18 @@ class SetIdleDeadline:
 
 
 @dataclass(frozen=True)
+class OpenDirectPath:
+    """Let new connections (probes excepted) reach the app directly, and watch
+    them: `DirectTraffic` events, until `CloseDirectPath`."""
+
+
+@dataclass(frozen=True)
+class CloseDirectPath:
+    """Redirect every new connection to the activator again; then answer with
+    `DirectPathClosed`."""
+
+
+@dataclass(frozen=True)
 class Teardown:
     """End the application if it runs and remove the pod and its images."""
 
@@ -83,6 +95,8 @@ Command = (
     | AnswerProbe
     | Refuse
     | SetIdleDeadline
+    | OpenDirectPath
+    | CloseDirectPath
     | Teardown
     | Report
 )

@@ -59,6 +59,8 @@ class PodConfig:
     image_key: bytes | None = field(default=None, repr=False)
     # Restore without copying the memory first: pages are served on first touch.
     lazy_restore: bool = False
+    # While running, new connections go to the app directly (lifecycle.py).
+    fast_path: bool = False
 
 
 def parse_duration(text: str, field: str) -> float | FieldError:
@@ -124,6 +126,7 @@ def pod_config(
     probe_default_status: str | None = None,
     image_key: str | None = None,
     lazy_restore: bool = False,
+    fast_path: bool = False,
 ) -> PodConfig:
     """Check every field; raise one ConfigError listing all that are wrong."""
     errors: list[FieldError] = []
@@ -194,4 +197,5 @@ def pod_config(
         probe_default_status=status,
         image_key=key,
         lazy_restore=lazy_restore,
+        fast_path=fast_path,
     )

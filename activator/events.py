@@ -51,6 +51,20 @@ class IdleTimerFired(Event):
 
 
 @dataclass(frozen=True)
+class DirectTraffic(Event):
+    """What the fast path let through to the app since the last look: the
+    connections open now, and how many were opened meanwhile."""
+
+    open: int
+    opened: int
+
+
+@dataclass(frozen=True)
+class DirectPathClosed(DirectTraffic):
+    """The redirect is whole again; what came through directly before it was."""
+
+
+@dataclass(frozen=True)
 class AppStarted(Event):
     pass
 
@@ -110,6 +124,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     ProbeOpened,
     ConnectionClosed,
     IdleTimerFired,
+    DirectTraffic,
+    DirectPathClosed,
     AppStarted,
     AppStartFailed,
     AppExited,

@@ -14,6 +14,11 @@ Two rules shape the table:
 - probes are not activity: they never wake the app and never postpone a
   scale-down. While the app runs they pass through (so the activator learns
   the app's answers); otherwise the activator answers them.
+
+The fast path (`Policy.fast_path`) lets new connections reach the running app
+directly; the activator only watches them (`DirectTraffic`). Before a
+checkpoint the path is closed and what came through it meanwhile is looked
+at once more (`DirectPathClosed`): only with nothing there does it go on.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from typing import Any
 
 from activator import commands as c
 from activator import events as e
+
+
+class DirectPath(enum.Enum):
+    CLOSED = "closed"  # every new connection comes to the activator
+    OPEN = "open"
+    CLOSING = "closing"  # the driver answers with DirectPathClosed
 
 
 class Phase(enum.Enum):
@@ -48,6 +59,8 @@ class Policy:
     restart_window: float = 60.0
     # After a failed checkpoint the next try waits twice as long, up to this.
     max_checkpoint_backoff: float = 3600.0
+    # While running, new connections go straight to the app (see above).
+    fast_path: bool = False
 
 
 class LifecycleError(Exception):
@@ -66,6 +79,8 @@ class Lifecycle:
         # Held connections, oldest first, waiting for the app to run.
         self.held_connections: dict[int, int] = {}
         self.idle_deadline: float | None = None
+        self.direct_path = DirectPath.CLOSED
+        self.direct_connections = 0  # open on the fast path, last we heard
         self.wake_requested = False
         self.recent_exits: list[float] = []
         self.checkpoint_failures = 0  # in a row
@@ -100,7 +115,7 @@ class Lifecycle:
     @property
     def idle(self) -> bool:
         """No client traffic: the idle deadline may run."""
-        return not self.open_connections and not self.held_connections
+        return not (self.open_connections or self.held_connections or self.direct_connections)
 
     @property
     def quiet(self) -> bool:
@@ -128,6 +143,25 @@ class Lifecycle:
         if self.idle_deadline is not None:
             self.idle_deadline = None
             self._emit(c.SetIdleDeadline(None))
+
+    def _open_direct_path(self) -> None:
+        if self.policy.fast_path and self.direct_path is DirectPath.CLOSED:
+            self.direct_path = DirectPath.OPEN
+            self._emit(c.OpenDirectPath())
+
+    def _close_direct_path(self) -> None:
+        if self.direct_path is DirectPath.OPEN:
+            self.direct_path = DirectPath.CLOSING
+            self._emit(c.CloseDirectPath())
+
+    def _direct_traffic_seen(self, ev: e.DirectTraffic) -> None:
+        """Traffic on the fast path (a connection open, opened or closed since
+        the last look) is activity: the idle deadline starts again."""
+        closed = self.direct_connections
+        self.direct_connections = ev.open
+        if ev.open or ev.opened or closed:
+            self._disarm_idle_timer()
+            self._arm_idle_timer_if_idle(ev.now)
 
     def _forward_held(self) -> None:
         if self.held_connections:
@@ -227,6 +261,9 @@ def _checkpoint_if_due(m: Lifecycle, now: float) -> Phase:
     # With a probe open the deadline stays; the probe's close checkpoints.
     if not m.quiet or m.idle_deadline is None or now < m.idle_deadline:
         return m.phase
+    if m.direct_path is not DirectPath.CLOSED:
+        m._close_direct_path()  # and DirectPathClosed comes back here
+        return m.phase
     m.idle_deadline = None
     m._emit(c.Checkpoint())
     return Phase.CHECKPOINTING
@@ -234,12 +271,36 @@ def _checkpoint_if_due(m: Lifecycle, now: float) -> Phase:
 
 def _scale_down(m: Lifecycle, ev: Any) -> Phase:
     if not m.quiet:
-        n = len(m.open_connections) + len(m.held_connections) + len(m.open_probes)
+        n = (
+            len(m.open_connections)
+            + len(m.held_connections)
+            + len(m.open_probes)
+            + m.direct_connections
+        )
         m._report("scale-down-refused", "warning", f"not scaling down: {n} connection(s) open")
         return m.phase
     m._disarm_idle_timer()
-    m._emit(c.Checkpoint())
-    return Phase.CHECKPOINTING
+    m.idle_deadline = ev.now  # due now (no timer: nothing is to fire)
+    return _checkpoint_if_due(m, ev.now)
+
+
+def _direct_traffic(m: Lifecycle, ev: Any) -> Phase:
+    if m.direct_path is DirectPath.OPEN:  # else: news from a path closed since
+        m._direct_traffic_seen(ev)
+    return m.phase
+
+
+def _direct_path_closed(m: Lifecycle, ev: Any) -> Phase:
+    if m.direct_path is not DirectPath.CLOSING:
+        return m.phase  # closed and opened again since: stale
+    m.direct_path = DirectPath.CLOSED
+    m._direct_traffic_seen(ev)
+    if m.phase is not Phase.RUNNING:
+        return m.phase  # closed because the app went away
+    phase = _checkpoint_if_due(m, ev.now)
+    if phase is Phase.RUNNING:
+        m._open_direct_path()  # traffic came (directly or not): not idle after all
+    return phase
 
 
 def _nothing_to_do(m: Lifecycle, ev: Any) -> Phase:
@@ -250,6 +311,7 @@ def _nothing_to_do(m: Lifecycle, ev: Any) -> Phase:
 def _app_started(m: Lifecycle, ev: Any) -> Phase:
     m.checkpoint_failures = 0  # a new app: it may well be checkpointable
     m._forward_held()
+    m._open_direct_path()
     m._arm_idle_timer_if_idle(ev.now)
     return Phase.RUNNING
 
@@ -264,6 +326,7 @@ def _app_exited(m: Lifecycle, ev: Any) -> Phase:
     window_start = ev.now - m.policy.restart_window
     m.recent_exits = [t for t in m.recent_exits if t > window_start] + [ev.now]
     m._disarm_idle_timer()
+    m._close_direct_path()  # new connections wait for the new app
     if len(m.recent_exits) > m.policy.max_restarts:
         m._report(
             "app-exited",
@@ -303,6 +366,7 @@ def _checkpoint_failed(m: Lifecycle, ev: Any) -> Phase:
         failures=m.checkpoint_failures,
     )
     m._forward_held()
+    m._open_direct_path()
     m._arm_idle_timer_if_idle(ev.now)
     return Phase.RUNNING
 
@@ -321,6 +385,7 @@ def _restore_done(m: Lifecycle, ev: Any) -> Phase:
     m.last_restore_ms = ev.duration_ms
     m._phase_details.update(restore_ms=round(ev.duration_ms, 1))
     m._forward_held()
+    m._open_direct_path()
     m._arm_idle_timer_if_idle(ev.now)
     return Phase.RUNNING
 
@@ -388,6 +453,13 @@ TRANSITIONS: dict[tuple[Phase, type[e.Event]], Rule] = {
     **{(p, e.ProbeOpened): _rule(_refuse, p) for p in (P.FAILED, P.STOPPING, P.STOPPED)},
     # Idle: only a running app with nothing open is checkpointed.
     (P.RUNNING, e.IdleTimerFired): _rule(_idle_timer, P.RUNNING, P.CHECKPOINTING),
+    # The fast path: its traffic while running; its close before a checkpoint.
+    **{(p, e.DirectTraffic): _rule(_direct_traffic, p) for p in (*_ACTIVE, P.STOPPING, P.STOPPED)},
+    **{
+        (p, e.DirectPathClosed): _rule(_direct_path_closed, p)
+        for p in (*_ACTIVE, P.STOPPING, P.STOPPED)
+    },
+    (P.RUNNING, e.DirectPathClosed): _rule(_direct_path_closed, P.RUNNING, P.CHECKPOINTING),
     **{
         (p, e.IdleTimerFired): _rule(_ignore, p)
         for p in (*_ACTIVE, P.STOPPING, P.STOPPED)

@@ -16,11 +16,11 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, Protocol, assert_never
+from typing import Any, Protocol, assert_never, runtime_checkable
 
 from activator import commands as c
 from activator import events as e
@@ -43,6 +43,12 @@ IMAGE_DELETE_DELAY = 0.5
 CHECKPOINTED_EXIT_WAIT = 5.0
 # How long a killed activator's CRIU may take to finish before adoption gives up.
 LEFTOVER_CRIU_TIMEOUT = 300.0
+# How often the fast path's traffic is looked at: at most this late, an idle
+# deadline starts again after direct traffic (never earlier).
+DIRECT_TRAFFIC_EVERY = 1.0
+# After the redirect is back, a connection that matched the old rules may still
+# be on its way through them (netfilter swaps rules under RCU): wait it out.
+REDIRECT_SETTLE = 0.01
 
 
 class SpawnFailed(Exception):
@@ -94,6 +100,27 @@ class Sandbox(Protocol):
     async def destroy(self) -> None: ...
 
 
+@runtime_checkable
+class DirectPathSandbox(Protocol):
+    """A sandbox that can open the fast path (see lifecycle.py)."""
+
+    async def switch_direct_path(
+        self, shadow_ports: Mapping[int, int], redirected: tuple[IPv4Network, ...] | None
+    ) -> None:
+        """Redirect only connections from `redirected` (the rest go directly to
+        the app and are counted), or, with None, every connection again."""
+        ...
+
+    async def direct_traffic(self, ports: Collection[int]) -> tuple[int, int]:
+        """(connections to `ports` open now from outside the pod, connections
+        the fast path has let through so far)."""
+        ...
+
+
+class FastPathUnavailable(Exception):
+    pass
+
+
 class Reporter(Protocol):
     def report(self, pod: PodDriver, report: c.Report) -> None: ...
 
@@ -131,7 +158,14 @@ class PodDriver:
         self.journal = Journal(state_dir)
         self.images = state_dir / "images"
         self.reporter = reporter
-        self.lifecycle = Lifecycle(Policy(scaledown_after=config.scaledown_after))
+        if config.fast_path and not isinstance(sandbox, DirectPathSandbox):
+            raise FastPathUnavailable(
+                f"pod {config.name}: the fast path is for local pods only (not yet in a "
+                "sidecar): remove the fast-path setting"
+            )
+        self.lifecycle = Lifecycle(
+            Policy(scaledown_after=config.scaledown_after, fast_path=config.fast_path)
+        )
         self.listeners = [ShadowListener(port, self, None) for port in config.ports]
         self.probe_memory = ProbeMemory(config.probe_default_status)
         self.connections: dict[int, ClientConnection] = {}
@@ -143,6 +177,10 @@ class PodDriver:
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._restored = 0
         self._page_server: subprocess.Popen[bytes] | None = None  # lazy restores
+        # The fast path: opened and closed one after the other, never at once.
+        self._direct_switch = asyncio.Lock()
+        self._direct_watch: asyncio.Task[None] | None = None
+        self._direct_counted = 0  # connections let through when last looked
         self._loop = asyncio.get_running_loop()
 
     # -- setup -----------------------------------------------------------------
@@ -168,7 +206,7 @@ class PodDriver:
             for listener in self.listeners:
                 listener.probe_detection = detection
                 await listener.start(self.sandbox)
-            await self.sandbox.redirect({ln.app_port: ln.shadow_port for ln in self.listeners})
+            await self.sandbox.redirect(self._shadow_ports)
         except BaseException:
             await self._remove_everything()
             raise
@@ -337,6 +375,10 @@ class PodDriver:
                     self._idle_timer = None
                 if at is not None:
                     self._idle_timer = self._loop.call_at(at, self._idle_deadline_reached)
+            case c.OpenDirectPath():
+                self._spawn(self._open_direct_path())
+            case c.CloseDirectPath():
+                self._spawn(self._close_direct_path())
             case c.Teardown():
                 self._spawn(self._teardown())
             case c.Report():
@@ -410,6 +452,49 @@ class PodDriver:
                     {"first_byte_ms": round(ms, 1)},
                 ),
             )
+
+    # -- the fast path -------------------------------------------------------------
+
+    @property
+    def _shadow_ports(self) -> dict[int, int]:
+        return {ln.app_port: ln.shadow_port for ln in self.listeners}
+
+    async def _open_direct_path(self) -> None:
+        assert isinstance(self.sandbox, DirectPathSandbox)
+        async with self._direct_switch:
+            detection = self._probe_detection()  # probes still come to us
+            redirected = detection.sources if detection is not None else ()
+            await self.sandbox.switch_direct_path(self._shadow_ports, redirected)
+            _, self._direct_counted = await self.sandbox.direct_traffic(self.config.ports)
+            self._direct_watch = asyncio.ensure_future(self._watch_direct_traffic())
+            # A failed look is logged; the path then stays open and the pod up
+            # (the close before a checkpoint must look again and succeed).
+            self._direct_watch.add_done_callback(self._task_done)
+
+    async def _watch_direct_traffic(self) -> None:
+        every = min(DIRECT_TRAFFIC_EVERY, self.config.scaledown_after / 10)
+        while True:
+            await asyncio.sleep(every)
+            self.feed(await self._direct_traffic(e.DirectTraffic))
+
+    async def _direct_traffic(self, kind: type[e.DirectTraffic]) -> e.DirectTraffic:
+        assert isinstance(self.sandbox, DirectPathSandbox)
+        open_now, counted = await self.sandbox.direct_traffic(self.config.ports)
+        opened, self._direct_counted = counted - self._direct_counted, counted
+        return kind(self._loop.time(), open=open_now, opened=opened)
+
+    async def _close_direct_path(self) -> None:
+        assert isinstance(self.sandbox, DirectPathSandbox)
+        async with self._direct_switch:
+            self._stop_watching_direct_traffic()
+            await self.sandbox.switch_direct_path(self._shadow_ports, None)
+            await asyncio.sleep(REDIRECT_SETTLE)
+            self.feed(await self._direct_traffic(e.DirectPathClosed))
+
+    def _stop_watching_direct_traffic(self) -> None:
+        if self._direct_watch is not None:
+            self._direct_watch.cancel()
+            self._direct_watch = None
 
     # -- the app's processes -----------------------------------------------------
 
@@ -513,6 +598,7 @@ class PodDriver:
 
     async def _remove_everything(self) -> None:
         self._stop_page_server()
+        self._stop_watching_direct_traffic()
         for conn in list(self.connections.values()):
             conn.refuse("pod removed")
         for listener in self.listeners:

@@ -250,17 +250,25 @@ def install_holder(shared: Path) -> None:
 
 
 def container_configs(settings: pod_annotations.PodSettings) -> list[PodConfig]:
-    missing = [name for name in settings.managed if not settings.ports.get(name)]
-    if missing:
-        raise ConfigError(
-            [
-                FieldError(
-                    pod_annotations.PORTS_MAP,
-                    f"no ports for {', '.join(missing)}",
-                    'give each managed container its ports, like "app=8080"',
-                )
-            ]
+    errors = []
+    if missing := [name for name in settings.managed if not settings.ports.get(name)]:
+        errors.append(
+            FieldError(
+                pod_annotations.PORTS_MAP,
+                f"no ports for {', '.join(missing)}",
+                'give each managed container its ports, like "app=8080"',
+            )
         )
+    if settings.fast_path:
+        errors.append(
+            FieldError(
+                pod_annotations.FAST_PATH,
+                "the fast path is not available in a sidecar yet (local pods only)",
+                "remove the annotation",
+            )
+        )
+    if errors:
+        raise ConfigError(errors)
     return [
         PodConfig(
             name=name,

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from activator import commands as c
 from activator import events as e
-from activator.lifecycle import TRANSITIONS, Lifecycle, LifecycleError, Phase, Policy, state_diagram
+from activator.lifecycle import (
+    TRANSITIONS,
+    DirectPath,
+    Lifecycle,
+    LifecycleError,
+    Phase,
+    Policy,
+    state_diagram,
+)
 
 from .playbook import Playbook, Reported
 
@@ -221,7 +229,8 @@ def test_every_phase_takes_every_connection_event_and_stop() -> None:
 def test_state_diagram_lists_the_main_cycle() -> None:
     diagram = state_diagram()
     assert (
-        "RUNNING --> CHECKPOINTING: ConnectionClosed, IdleTimerFired, ScaleDownRequested" in diagram
+        "RUNNING --> CHECKPOINTING: "
+        "ConnectionClosed, IdleTimerFired, DirectPathClosed, ScaleDownRequested" in diagram
     )
     assert "SCALED_DOWN --> RESTORING: ConnectionOpened, WakeRequested" in diagram
 
@@ -241,15 +250,20 @@ def answers(command: c.Command, now: float) -> list[e.Event]:
     return []
 
 
+traffic = st.integers(0, 2)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.data())
 def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None:
-    """Never checkpoint with a connection open or held; every held connection
-    ends forwarded or refused; at most one I/O operation is in flight; a
-    running pod with nothing open always has its idle timer armed."""
-    m = Lifecycle(Policy(scaledown_after=IDLE))
+    """Never checkpoint with a connection open or held, or with the fast path
+    open; every held connection ends forwarded or refused; at most one I/O
+    operation is in flight; a running pod with nothing open always has its
+    idle timer armed (or is closing its fast path to see)."""
+    m = Lifecycle(Policy(scaledown_after=IDLE, fast_path=data.draw(st.booleans())))
     now = 0.0
     pending: list[c.Command] = []  # I/O in flight, answered later
+    closing = 0  # CloseDirectPath commands not answered yet
     next_conn = 1
     held_ever: set[int] = set()
     resolved: set[int] = set()
@@ -258,6 +272,7 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
     armed: list[float | None] = [None]  # the driver's idle timer
 
     def feed(event: e.Event) -> None:
+        nonlocal closing
         if isinstance(event, e.IdleTimerFired):
             armed[0] = None  # a timer fires once
         for command in m.handle(event):
@@ -266,20 +281,27 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
                     armed[0] = at
                 case c.Checkpoint():
                     assert m.quiet, "checkpoint with a connection or probe open or held"
+                    assert m.direct_path is DirectPath.CLOSED and not closing, (
+                        "checkpoint before the fast path was closed and looked at"
+                    )
+                case c.CloseDirectPath():
+                    closing += 1
                 case c.Forward(conns) | c.Refuse(conns, _):
                     resolved.update(conns)
             if isinstance(command, c.StartApp | c.Checkpoint | c.Restore):
                 assert not pending, f"{command} while {pending} in flight"
                 pending.append(command)
         held_ever.update(m.held_connections)
-        if m.phase is Phase.RUNNING and m.quiet:
+        if m.phase is Phase.RUNNING and m.quiet and not closing:
             assert armed[0] is not None, "running, nothing open, and no idle timer: stuck"
 
     feed(e.Boot(now))
     for _ in range(data.draw(st.integers(0, 60))):
         now += data.draw(st.floats(0, 2 * IDLE))
         choice = data.draw(
-            st.sampled_from(["open", "close", "timer", "answer", "down", "wake", "exit"])
+            st.sampled_from(
+                ["open", "close", "timer", "answer", "down", "wake", "exit", "direct", "closed"]
+            )
         )
         if choice == "open":
             feed(e.ConnectionOpened(now, conn=next_conn, port=80))
@@ -301,7 +323,15 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
             feed(e.WakeRequested(now))
         elif choice == "exit" and m.phase in (Phase.RUNNING, Phase.CHECKPOINTING):
             feed(e.AppExited(now, "exit status 1"))
+        elif choice == "direct":
+            feed(e.DirectTraffic(now, open=data.draw(traffic), opened=data.draw(traffic)))
+        elif choice == "closed" and closing:
+            closing -= 1
+            feed(e.DirectPathClosed(now, open=data.draw(traffic), opened=data.draw(traffic)))
     feed(e.StopRequested(now))
+    while closing:
+        closing -= 1
+        feed(e.DirectPathClosed(now, open=0, opened=0))
     while pending:
         feed(answers(pending.pop(), now)[0])
     assert m.phase is Phase.STOPPED
@@ -382,4 +412,87 @@ def test_failed_checkpoints_back_off_until_one_succeeds() -> None:
         << c.Forward((2,))
         >> e.ConnectionClosed(91, conn=2)
         << c.SetIdleDeadline(91 + IDLE)  # back to normal
+    )
+
+
+# -- the fast path -------------------------------------------------------------------
+
+
+def running_with_fast_path() -> Lifecycle:
+    m = Lifecycle(Policy(scaledown_after=IDLE, fast_path=True))
+    assert (
+        Playbook(m)
+        >> e.Boot(0)
+        << c.StartApp("first start")
+        >> e.AppStarted(0)
+        << (c.OpenDirectPath())
+        << c.SetIdleDeadline(IDLE)
+    )
+    return m
+
+
+def test_fast_path_is_closed_and_looked_at_once_more_before_a_checkpoint() -> None:
+    m = running_with_fast_path()
+    assert (
+        Playbook(m)
+        >> e.IdleTimerFired(IDLE)
+        << c.CloseDirectPath()
+        >> e.DirectPathClosed(IDLE + 0.01, open=0, opened=0)
+        << c.Checkpoint()
+        >> e.CheckpointDone(IDLE + 0.1, duration_ms=90.0, image_bytes=1)
+        >> e.ConnectionOpened(30, conn=1, port=80)
+        << c.Restore()
+        >> e.RestoreDone(30.1, duration_ms=80.0)
+        << c.Forward((1,))
+        << c.OpenDirectPath()
+    )
+
+
+def test_traffic_found_when_the_fast_path_closes_keeps_the_app_running() -> None:
+    m = running_with_fast_path()
+    assert (
+        Playbook(m)
+        >> e.IdleTimerFired(IDLE)
+        << c.CloseDirectPath()
+        # A connection slipped through before the redirect was back, and ended.
+        >> e.DirectPathClosed(IDLE + 0.01, open=0, opened=1)
+        << c.SetIdleDeadline(None)
+        << c.SetIdleDeadline(IDLE + 0.01 + IDLE)
+        << c.OpenDirectPath()
+    )
+    assert m.phase is Phase.RUNNING
+
+
+def test_direct_connections_hold_off_scale_down_until_they_close() -> None:
+    m = running_with_fast_path()
+    assert (
+        Playbook(m, reports=True)
+        >> e.DirectTraffic(1, open=2, opened=2)
+        << c.SetIdleDeadline(None)
+        >> e.ScaleDownRequested(2)
+        << Reported("scale-down-refused")
+        >> e.DirectTraffic(5, open=0, opened=0)  # both closed since
+        << c.SetIdleDeadline(5 + IDLE)
+        >> e.DirectTraffic(6, open=0, opened=0)  # nothing new
+        >> e.ScaleDownRequested(7)
+        << c.SetIdleDeadline(None)
+        << c.CloseDirectPath()
+        >> e.DirectPathClosed(7.01, open=0, opened=0)
+        << Reported("checkpointing")
+        << c.Checkpoint()
+    )
+
+
+def test_an_app_exit_closes_the_fast_path_until_the_app_runs_again() -> None:
+    m = running_with_fast_path()
+    assert (
+        Playbook(m)
+        >> e.AppExited(1, "exit status 1")
+        << c.SetIdleDeadline(None)
+        << c.CloseDirectPath()
+        << c.StartApp("the app exited (exit status 1)")
+        >> e.DirectPathClosed(1.01, open=0, opened=0)
+        >> e.AppStarted(2)
+        << c.OpenDirectPath()
+        << c.SetIdleDeadline(2 + IDLE)
     )
