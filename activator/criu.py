@@ -1,9 +1,10 @@
-"""The checkpoint backend: CRIU driven through its RPC (pycriu) in swrk mode.
+"""The checkpoint backend: CRIU driven through its RPC in swrk mode.
 
-We start `criu swrk FD` ourselves and hand pycriu the socket (`use_fd`),
-rather than `use_binary`, because pycriu then forks the Python process itself
-and would hand criu every inheritable fd of every pod; `subprocess` passes
-exactly the fds we name, with the same numbers (`inherit_fd` needs that).
+We start `criu swrk FD` ourselves, with exactly the fds a call needs at the
+same numbers (`inherit_fd` names CRIU's own fds), and speak the RPC on its
+socket: one protobuf message (pycriu's rpc_pb2) per SEQPACKET message each way.
+A pod's CRIU can start its next `criu swrk` ahead of the call (`ahead`), so
+that CRIU's own start-up is off the wake's and the checkpoint's path.
 
 What lies outside the dumped tree is external and must be given back at
 restore: the pod's namespaces (kept by its pause process) and the pipe the app
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,13 +32,22 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import pycriu
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from netns import proc
 
+if TYPE_CHECKING:
+    import asyncio
+
+log = logging.getLogger(__name__)
+
 LOG_TAIL_LINES = 8
+# How long after a call its pod's next `criu swrk` is started: after the woken
+# app's first answer, well before a scale-down (at least half a second later).
+SPARE_AFTER = 0.05
+# CRIU's largest RPC message (CR_MAX_MSG_SIZE).
+MAX_MESSAGE = 1024
 OUTPUT_PIPES = "output-pipes.json"
 DUMP_LOCKS = Path("/run/pod-activator/dump-locks")
 
@@ -48,6 +60,30 @@ class CriuError(Exception):
 
 class CriuNotFound(CriuError):
     pass
+
+
+def _load_rpc() -> ModuleType:
+    """pycriu's rpc_pb2 alone. `import pycriu` also loads pycriu.images, the
+    schemas of every image file (3.5 MiB of the activator's memory), which
+    the activator never reads; rpc_pb2 itself needs only protobuf. It is
+    registered under its own name, so a later `import pycriu` reuses it."""
+    name = "pycriu.rpc_pb2"
+    if (loaded := sys.modules.get(name)) is not None:
+        return loaded
+    package = importlib.util.find_spec("pycriu")  # finds it without running __init__
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("pycriu is not installed: run scripts/setup")
+    path = Path(next(iter(package.submodule_search_locations))) / "rpc_pb2.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"pycriu has no {path}: run scripts/setup")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+rpc = _load_rpc()
 
 
 @dataclass(frozen=True)
@@ -77,10 +113,6 @@ def _nothing(pid: int) -> None:
     pass
 
 
-def _no_op() -> None:
-    pass
-
-
 class Launcher(Protocol):
     """How `criu swrk` is started, and how it names our paths."""
 
@@ -103,15 +135,28 @@ class LocalLauncher:
     def __init__(self, binary: Path) -> None:
         self.binary = binary
         self._command: list[str] | None = None
+        # `criu swrk`s told to end (their socket closed), reaped at the next
+        # start rather than waited for: they end after the call's answer.
+        self._ending: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
 
     def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
+        self.reap()
         if self._command is None:
             # Straight through CRIU's loader: the wrapper's shell costs a wake 1-2 ms.
             try:
                 self._command = criu_command("")
             except CriuNotFound:
                 self._command = [str(self.binary)]
-        return _swrk(self._command, pass_fds)
+        return _swrk(self._command, pass_fds, self._ended)
+
+    def reap(self) -> None:
+        with self._lock:
+            self._ending = [swrk for swrk in self._ending if swrk.poll() is None]
+
+    def _ended(self, swrk: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._ending.append(swrk)
 
     def path(self, ours: Path) -> str:
         return str(ours)
@@ -156,17 +201,67 @@ def find_criu() -> Path:
     raise CriuNotFound("criu not found next to this Python or on PATH: run scripts/setup")
 
 
+@dataclass
+class _Swrk:
+    """A started `criu swrk`, and the fds it holds for a restore."""
+
+    sock: socket.socket
+    pid: int
+    fds: dict[str, int]  # namespace kind or "output" -> the fd's number in CRIU
+    holds: tuple[Any, ...]  # what those fds are (see _identity)
+    stack: ExitStack  # ends it
+
+    def end(self) -> None:
+        self.stack.close()
+
+
+def _identity(needs: Externals | None) -> tuple[Any, ...]:
+    """What a `criu swrk` started for `needs` holds: a spare started earlier
+    serves a call only if the namespaces and the pipe are still the same."""
+    if needs is None:
+        return ()
+    held: list[Any] = []
+    for kind, path in sorted(needs.namespaces.items()):
+        st = os.stat(path)
+        held.append((kind, st.st_dev, st.st_ino))
+    if needs.output is not None:
+        st = os.fstat(needs.output)
+        held.append(("output", st.st_dev, st.st_ino))
+    return tuple(held)
+
+
 class Criu:
     def __init__(
-        self, binary: Path, options: CriuOptions | None = None, launcher: Launcher | None = None
+        self,
+        binary: Path,
+        options: CriuOptions | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.binary = binary
         self.options = options or CriuOptions()
         self.launcher = launcher or LocalLauncher(binary)
+        self._spare: _Spare | None = None
 
     def using(self, launcher: Launcher) -> Criu:
         """The same CRIU, started by `launcher`."""
         return Criu(self.binary, self.options, launcher)
+
+    def ahead(self) -> Criu:
+        """The same CRIU for one pod, which starts the `criu swrk` of the pod's
+        next call ahead of it (a dump after a restore, a restore after a dump),
+        so that CRIU's start-up (fork, exec, loading) is off the wake's path.
+        It costs an idle CRIU process per pod (about 1 MiB of its own memory).
+        Call from the event loop; close() ends the spare."""
+        import asyncio  # here: a CRIU without a pod (the CLI, adoption) needs no loop
+
+        criu = Criu(self.binary, self.options, self.launcher)
+        criu._spare = _Spare(criu, asyncio.get_running_loop())
+        criu._spare.prepare(None)  # a pod starts running: a dump comes first
+        return criu
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.close()
 
     @contextmanager
     def _dump_lock(self, pid: int) -> Iterator[None]:
@@ -205,7 +300,9 @@ class Criu:
         with open(fd, "w") as record:
             json.dump(output_pipes(pid), record)
         with self._dump_lock(pid):
-            self._call("dump", opts, images, pass_fds=(), on_start=on_start)
+            self._call(rpc.DUMP, opts, images, self._start(None), on_start)
+        if self._spare is not None:
+            self._spare.prepare(externals)  # the pod's next call restores it
         if "net" in externals.namespaces:
             forget_conntrack(images)
         return image_bytes(images)
@@ -217,24 +314,21 @@ class Criu:
 
         `lazy`: the memory is not copied now but fetched on first touch from a
         `serve_pages` daemon on the same images (userfaultfd)."""
-        with ExitStack() as stack:
-            opts = self._common_opts(images, "restore.log")
-            opts.lazy_pages = lazy
-            opts.rst_sibling = True  # the restored root becomes our child: we reap it
-            fds: list[int] = []
-            for kind, path in externals.namespaces.items():
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                stack.callback(os.close, fd)
-                fds.append(fd)
-                opts.inherit_fd.add(key=f"pod-{kind}", fd=fd)
-            if externals.output is not None:
-                fds.append(externals.output)
-                for key in recorded_output_pipes(images):
-                    opts.inherit_fd.add(key=key, fd=externals.output)
-            if "net" in externals.namespaces:
-                forget_conntrack(images)  # an image dumped before it was done at dump
-            response = self._call("restore", opts, images, tuple(fds), on_start)
-            return int(response.pid)
+        opts = self._common_opts(images, "restore.log")
+        opts.lazy_pages = lazy
+        opts.rst_sibling = True  # the restored root becomes our child: we reap it
+        if "net" in externals.namespaces:
+            forget_conntrack(images)  # an image dumped before it was done at dump
+        swrk = self._start(externals)
+        for kind in externals.namespaces:
+            opts.inherit_fd.add(key=f"pod-{kind}", fd=swrk.fds[kind])
+        if externals.output is not None:
+            for key in recorded_output_pipes(images):
+                opts.inherit_fd.add(key=key, fd=swrk.fds["output"])
+        response = self._call(rpc.RESTORE, opts, images, swrk, on_start)
+        if self._spare is not None:
+            self._spare.prepare(None)  # the pod's next call dumps it
+        return int(response.restore.pid)
 
     def serve_pages(self, images: Path) -> subprocess.Popen[bytes]:
         """Start CRIU's lazy-pages daemon on `images`, ready when this returns;
@@ -265,12 +359,12 @@ class Criu:
         return daemon
 
     def _common_opts(self, images: Path, log_file: str) -> Any:
-        opts = pycriu.rpc.criu_opts(images_dir_fd=-1)
+        opts = rpc.criu_opts(images_dir_fd=-1)
         opts.images_dir = self.launcher.path(images)
         opts.log_file = log_file
         opts.log_level = self.options.log_level
         # The activator keeps serving the pod's network during the dump: no lock.
-        opts.network_lock = pycriu.rpc.SKIP
+        opts.network_lock = rpc.SKIP
         opts.tcp_skip_in_flight = True
         opts.tcp_close = self.options.tcp_close
         opts.file_locks = self.options.file_locks
@@ -279,46 +373,130 @@ class Criu:
             setattr(opts, name, value)
         return opts
 
-    def _call(
-        self,
-        op: str,
-        opts: Any,
-        images: Path,
-        pass_fds: tuple[int, ...],
-        on_start: OnStart,
-    ) -> Any:
-        with self.launcher.swrk(pass_fds) as (sock, pid):
-            on_start(pid)
+    def _start(self, needs: Externals | None) -> _Swrk:
+        """A `criu swrk` for a call: the pod's spare if it holds what the call
+        needs (a restore: the pod's namespaces and output pipe), else a new one."""
+        if self._spare is not None and (spare := self._spare.take(_identity(needs))):
+            return spare
+        return self._spawn(needs)
+
+    def _spawn(self, needs: Externals | None) -> _Swrk:
+        holds = _identity(needs)
+        stack = ExitStack()
+        fds: dict[str, int] = {}
+        with ExitStack() as ours:  # CRIU keeps its copies
+            for kind, path in needs.namespaces.items() if needs else ():
+                fds[kind] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                ours.callback(os.close, fds[kind])
+            if needs is not None and needs.output is not None:
+                fds["output"] = needs.output
+            sock, pid = stack.enter_context(self.launcher.swrk(tuple(fds.values())))
+        return _Swrk(sock, pid, fds, holds, stack)
+
+    def _call(self, kind: int, opts: Any, images: Path, swrk: _Swrk, on_start: OnStart) -> Any:
+        """One request to `swrk`, which ends with it; CRIU's answer."""
+        op = rpc.criu_req_type.Name(kind).lower()
+        with swrk.stack:
+            on_start(swrk.pid)
+            request = rpc.criu_req(type=kind, opts=opts)
             # A CRIU that hangs (seen: a restore from a truncated image waits
             # forever for a task that died) is ended, so the pod goes on.
-            criu = proc.Process.of(pid)
-            watchdog = threading.Timer(self.options.timeout, criu.kill if criu else _no_op)
-            watchdog.daemon = True
-            watchdog.start()
-            client = pycriu.criu()
-            client.use_fd(sock.fileno())
-            client.opts = opts
+            swrk.sock.settimeout(self.options.timeout)
             try:
-                return getattr(client, op)()
-            except Exception as exc:
-                tail = log_tail(images / opts.log_file)
-                if watchdog.finished.is_set():  # it fired: we ended CRIU
-                    raise CriuError(
-                        f"criu {op} did not finish within {self.options.timeout:g} s "
-                        f"and was ended{tail}"
-                    ) from exc
-                if isinstance(exc, pycriu.CRIUException):
-                    raise CriuError(f"criu {op} failed: {exc}{tail}") from exc
-                raise
-            finally:
-                watchdog.cancel()
+                swrk.sock.send(request.SerializeToString())
+                answer, _, flags, _ = swrk.sock.recvmsg(MAX_MESSAGE)
+            except TimeoutError:
+                if (criu := proc.Process.of(swrk.pid)) is not None:
+                    criu.kill()
+                raise CriuError(
+                    f"criu {op} did not finish within {self.options.timeout:g} s "
+                    f"and was ended{log_tail(images / opts.log_file)}"
+                ) from None
+            except OSError as exc:
+                raise CriuError(
+                    f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}"
+                ) from exc
+            response = rpc.criu_resp()
+            if answer and not flags & socket.MSG_TRUNC:
+                response.ParseFromString(answer)
+            if not response.success or response.type != kind:
+                raise CriuError(
+                    f"criu {op} failed: {_why(response)}{log_tail(images / opts.log_file)}"
+                )
+            return response
+
+
+def _why(response: Any) -> str:
+    if not response.IsInitialized():
+        return "it ended without an answer"
+    if response.cr_errmsg:
+        return str(response.cr_errmsg)
+    if response.cr_errno:
+        return f"{os.strerror(response.cr_errno)} (errno {response.cr_errno})"
+    return "see its log"
+
+
+class _Spare:
+    """One `criu swrk` started ahead of a pod's next call, off the wake's path.
+
+    The call that ends asks for the next one's (prepare); it is started
+    SPARE_AFTER later in a worker thread (a launcher may block), unless
+    another call came first, which then started its own."""
+
+    def __init__(self, criu: Criu, loop: asyncio.AbstractEventLoop) -> None:
+        self.criu = criu
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._swrk: _Swrk | None = None
+        self._calls = 0  # prepared spares of earlier calls are stale
+        self._closed = False
+
+    def take(self, holds: tuple[Any, ...]) -> _Swrk | None:
+        with self._lock:
+            self._calls += 1
+            swrk, self._swrk = self._swrk, None
+        if swrk is not None and swrk.holds != holds:
+            swrk.end()
+            return None
+        return swrk
+
+    def prepare(self, needs: Externals | None) -> None:
+        with self._lock:
+            calls = self._calls
+        self.loop.call_soon_threadsafe(self.loop.call_later, SPARE_AFTER, self._start, calls, needs)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            swrk, self._swrk = self._swrk, None
+        if swrk is not None:
+            swrk.end()
+
+    def _start(self, calls: int, needs: Externals | None) -> None:
+        if not self._closed and calls == self._calls:
+            self.loop.run_in_executor(None, self._make, calls, needs)
+
+    def _make(self, calls: int, needs: Externals | None) -> None:
+        try:
+            swrk = self.criu._spawn(needs)
+        except (CriuError, OSError) as exc:  # the next call starts its own, and says why
+            log.debug("no spare criu swrk: %s", exc)
+            return
+        with self._lock:
+            kept = not self._closed and calls == self._calls and self._swrk is None
+            if kept:
+                self._swrk = swrk
+        if not kept:
+            swrk.end()
 
 
 @contextmanager
-def _swrk(command: list[str], pass_fds: tuple[int, ...]) -> Iterator[tuple[socket.socket, int]]:
+def _swrk(
+    command: list[str], pass_fds: tuple[int, ...], ended: Callable[[subprocess.Popen[bytes]], None]
+) -> Iterator[tuple[socket.socket, int]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        proc = subprocess.Popen(
+        swrk = subprocess.Popen(
             [*command, "swrk", str(theirs.fileno())],
             pass_fds=(theirs.fileno(), *pass_fds),
             stdin=subprocess.DEVNULL,
@@ -332,10 +510,10 @@ def _swrk(command: list[str], pass_fds: tuple[int, ...]) -> Iterator[tuple[socke
     finally:
         theirs.close()
     try:
-        yield ours, proc.pid
+        yield ours, swrk.pid
     finally:
         ours.close()  # criu swrk serves until its socket closes
-        proc.wait()
+        ended(swrk)
 
 
 def output_pipes(pid: int) -> list[str]:
