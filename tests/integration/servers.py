@@ -942,17 +942,20 @@ class PodRun:
 
     # -- the pod --
 
+    def status(self) -> Event:
+        """The pod as its activator reports it (`activator status --json`, asked of
+        this activator alone: other activators on the machine are not waited for)."""
+        from activator.control import ask
+
+        answer = ask(AGENTS_DIR / f"{self.proc.pid}.sock", {"op": "status"}, CLIENT_TIMEOUT)
+        pods = [p for p in answer["pods"] if p["name"] == self.name]
+        assert len(pods) == 1, f"status lists pod {self.name} {len(pods)} times: {answer}"
+        found: Event = pods[0]
+        return found
+
     def address(self) -> str:
         if self._address is None:
-            done = subprocess.run(
-                [str(ACTIVATOR), "status", "--json"],
-                capture_output=True,
-                text=True,
-                timeout=CLIENT_TIMEOUT,
-            )
-            pods = [p for p in json.loads(done.stdout or "[]") if p["name"] == self.name]
-            assert len(pods) == 1, f"status lists pod {self.name} {len(pods)} times: {done}"
-            self._address = str(pods[0]["address"])
+            self._address = str(self.status()["address"])
         return self._address
 
     def netns_inode_of(self) -> int | None:
@@ -1045,7 +1048,7 @@ class PodRun:
         # Pauses first: the kernel ends the rest of their pod with them.
         for proc in sorted(self._tracked, key=lambda p: nspid(f"/proc/{p.pid}")[1:] != [1]):
             if proc.alive():
-                problems.append(f"process {proc.pid} survived the activator")
+                problems.append(f"process {proc.pid} survived the activator ({_ps(proc.pid)})")
                 proc.kill()
         netns = f"pa-{self.name}"
         if (NETNS_DIR / netns).exists():
@@ -1078,6 +1081,11 @@ class PodRun:
                 problems.append(f"SysV shm {shmid} of process {cpid} left behind")
                 subprocess.run(["ipcrm", "-m", str(shmid)], capture_output=True)
         return problems
+
+
+def _ps(pid: int) -> str:
+    """What a process left behind is, for the report (ps: parent, state, age, command)."""
+    return _out(["ps", "-o", "ppid=,stat=,etime=,args=", "-p", str(pid)]) or "gone"
 
 
 def _sysv_shm() -> dict[int, tuple[int, int]]:
