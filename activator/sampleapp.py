@@ -51,6 +51,9 @@ class Handler(BaseHTTPRequestHandler):
                         "boot_id": self.state.boot_id,
                         "values": self.state.values,
                         "pid": os.getpid(),
+                        # 127.0.0.1 through the activator; the client's own
+                        # address when it came directly (the fast path).
+                        "peer": self.client_address[0],
                     }
                 )
                 self._send(200, body, "application/json")
