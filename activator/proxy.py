@@ -7,6 +7,10 @@ later calls `forward()`, `answer()` or `refuse()` as the lifecycle commands.
 
 Connections from a probe source are first sniffed (see probes.py): a probe is
 reported as one (`probe_opened`), never as activity.
+
+A relayed connection that moves bulk data leaves the event loop: both sockets
+go to the splice relay (see splice.py), which copies inside the kernel and
+keeps the same accounting; its end comes back as `connection_lost`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import struct
 import time
@@ -22,13 +27,17 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Protocol, cast
 
-from activator import grpc_health, probes
+from activator import grpc_health, probes, splice
 
 log = logging.getLogger(__name__)
 
 _conn_ids = itertools.count(1)
 # How long a client answered in the app's place may take to close.
 DRAIN_TIMEOUT = 5.0
+# A read this big means a sender is ahead of us (bulk data): the connection
+# goes to the splice relay. Small exchanges (requests and answers of a few
+# KiB, keep-alive or not) stay in the event loop, where they are faster.
+BULK_READ = 64 * 1024
 
 
 class SocketMaker(Protocol):
@@ -85,6 +94,10 @@ class _Side(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
+        self.client_side().splice_if_bulk()
+
+    def client_side(self) -> ClientConnection:
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -105,6 +118,9 @@ class _Upstream(_Side):
         self.client = client
         self.answer_head = bytearray()  # the app's first bytes to a gRPC probe
 
+    def client_side(self) -> ClientConnection:
+        return self.client
+
     def data_received(self, data: bytes) -> None:
         client = self.client
         client.last_activity = time.monotonic()
@@ -116,6 +132,7 @@ class _Upstream(_Side):
         if client.probe is not None:
             self._learn_probe_answer(data)
         super().data_received(data)
+        client.relayed_read(len(data))
 
     def eof_received(self) -> bool:
         # The app's FIN goes on to the client after whatever came before it
@@ -185,11 +202,16 @@ class ClientConnection(_Side):
         self.bytes_to_client = 0
         self.http2_preface_sent = False
         self.draining = False
+        self.bulk = False  # a bulk read was seen: splice once nothing is buffered
+        self.relayed: splice.RelayedPair | None = None  # handed to the splice relay
+        self.peer_address = "?"
         self._sniff_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_address = f"{peer[0]}:{peer[1]}"
         if self.probe_detection is not None and peer and self.probe_detection.applies_to(peer[0]):
             loop = asyncio.get_running_loop()
             self._sniff_timer = loop.call_later(
@@ -218,11 +240,6 @@ class ClientConnection(_Side):
             case probes.Kind.TCP_PROBE:
                 # Connected and closed without a byte: answered by accepting.
                 self.close()
-
-    @property
-    def peer_address(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
 
     @property
     def sniffing(self) -> bool:
@@ -256,6 +273,60 @@ class ClientConnection(_Side):
             return
         self.bytes_to_app += len(data)
         super().data_received(data)
+        self.relayed_read(len(data))
+
+    def client_side(self) -> ClientConnection:
+        return self
+
+    def relayed_read(self, size: int) -> None:
+        if size >= BULK_READ:
+            self.bulk = True
+        if self.bulk:
+            self.splice_if_bulk()
+
+    def splice_if_bulk(self) -> None:
+        """Hand a bulk connection to the splice relay once it is plain relaying:
+        answered, not a probe, no half close, nothing buffered either way.
+        (A slow reader keeps a buffer; it empties when writing resumes.)"""
+        upstream = self.peer
+        if (
+            not self.bulk
+            or self.first_byte_at is None
+            or self.probe is not None
+            or self.draining
+            or self.eof
+            or self.closed
+            or upstream is None
+            or upstream.eof
+            or upstream.closed
+            or self.transport is None
+            or upstream.transport is None
+            or self.transport.get_write_buffer_size()
+            or upstream.transport.get_write_buffer_size()
+        ):
+            return
+        # Duplicates: closing a transport then closes only its own descriptor
+        # (no FIN, no reset) and takes it out of the event loop's epoll.
+        client = _dup_socket(self.transport)
+        app = _dup_socket(upstream.transport)
+        for side in (self, upstream):
+            assert side.transport is not None
+            side.transport.set_protocol(asyncio.Protocol())  # its end is no news
+            side.transport.close()
+            side.transport = None
+        log.debug(
+            "connection %d: spliced after %d bytes to the app and %d to the client",
+            self.id,
+            self.bytes_to_app,
+            self.bytes_to_client,
+        )
+        self.relayed = splice.relay().relay(client, app, self, self.connection_lost)
+
+    def close(self) -> None:
+        if self.relayed is not None:
+            splice.relay().close(self.relayed)
+            return
+        super().close()
 
     def eof_received(self) -> bool:
         if self.sniffing:
@@ -285,8 +356,10 @@ class ClientConnection(_Side):
     def close_if_quiet(self, quiet_for: float, now: float) -> bool:
         """Close gracefully (FIN both ways) if nothing moved for `quiet_for`
         seconds and no request is waiting for its answer."""
-        in_flight = self.awaiting_response or (
-            self.transport is not None and self.transport.get_write_buffer_size() > 0
+        in_flight = (
+            self.awaiting_response
+            or (self.transport is not None and self.transport.get_write_buffer_size() > 0)
+            or (self.relayed is not None and self.relayed.pending() > 0)
         )
         if in_flight or now - self.last_activity < quiet_for or self.peer is None:
             return False
@@ -378,9 +451,16 @@ class ClientConnection(_Side):
 
     def refuse(self, reason: str) -> None:
         log.warning("connection %d on port %d refused: %s", self.id, self.port, reason)
-        if self.transport is not None:
+        if self.relayed is not None:
+            splice.relay().close(self.relayed, reset=True)
+        elif self.transport is not None:
             # A reset, not a FIN: the client must not mistake this for an answer.
             reset(self.transport)
+
+
+def _dup_socket(transport: asyncio.Transport) -> socket.socket:
+    sock = transport.get_extra_info("socket")
+    return socket.socket(fileno=os.dup(sock.fileno()))
 
 
 def reset(transport: asyncio.Transport) -> None:

@@ -160,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=None, help="runs per scenario and path")
     parser.add_argument("--seconds", type=float, default=None, help="length of one wrk run")
+    parser.add_argument(
+        "--transfer-reps", type=int, default=None, help="100 MiB transfers per path"
+    )
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
-    transfer_reps = 3 if args.quick else 10
+    transfer_reps = args.transfer_reps or (3 if args.quick else 10)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists() or not shutil.which("wrk"):
         raise BenchError("needs nginx and wrk from Debian: apt-get install nginx-light wrk")
