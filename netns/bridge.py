@@ -20,6 +20,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netns.errors import BridgeError
+from netns.pod import DEFAULT_BRIDGE, DEFAULT_SUBNET
 
 __all__ = [
     "DEFAULT_BRIDGE",
@@ -31,9 +32,6 @@ __all__ = [
     "gateway_of",
     "link_index",
 ]
-
-DEFAULT_BRIDGE = "pa0"
-DEFAULT_SUBNET = IPv4Network("10.244.0.0/16")
 
 _IFNAMSIZ = 15  # usable characters of a Linux interface name
 
