@@ -171,31 +171,80 @@ def wakes(run: PodRun, after: int) -> list[Event]:
 # --- probes while scaled down ---------------------------------------------------------------
 
 
+class ScriptApp(Server):
+    """A small app written for these tests, run by the venv's Python."""
+
+    def __init__(self, name: str, port: int, script: str) -> None:
+        self.name = self.title = name
+        self.port = port
+        self.script = script
+
+    def check_available(self) -> None:
+        if not PYTHON.exists():
+            raise Unavailable("no .venv/bin/python: run scripts/setup")
+
+    def launch(self, workdir: Path, scratch: Scratch) -> Launch:
+        return Launch([str(PYTHON), "-c", self.script, str(self.port)], workdir)
+
+
+# GET / is 200, GET /ready is what was last PUT to /ready (200 at first), any
+# other path 404. Threads: a client holding a connection open must not block others.
+READINESS_APP = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    ready = 200
+    def do_GET(self):
+        status = {"/": 200, "/ready": Handler.ready}.get(self.path, 404)
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def do_PUT(self):
+        Handler.ready = int(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
 def test_http_and_tcp_probes_never_wake_the_app_and_get_its_last_answer(pod: StartPod) -> None:
-    sample = PythonSample()
-    run = pod(sample, "--probe-default-status", "503")
-    address, node = run.address(), node_address()
+    app = ScriptApp("readiness", 8080, READINESS_APP)
+    run = pod(app, "--probe-default-status", "503")
+    address, port, node = run.address(), app.port, node_address()
     with client_holding(run):
-        # While the app runs, probes pass through to it: the activator learns
-        # its answers. The sample app has no /healthz: a failing readiness probe.
-        assert http_probe(address, sample.port, "/") == Answer(200, False, node)
-        assert http_probe(address, sample.port, "/healthz") == Answer(404, False, node)
+        # While the app runs, probes pass through to it: the activator learns its answers.
+        assert http_probe(address, port, "/") == Answer(200, False, node)
+        assert http_probe(address, port, "/ready") == Answer(200, False, node)
+        # Then the app starts failing its readiness probe.
+        conn = http.client.HTTPConnection(address, port, timeout=CLIENT_TIMEOUT)
+        try:
+            conn.request("PUT", "/ready", body=b"500")
+            assert conn.getresponse().status == 204
+        finally:
+            conn.close()
+        assert http_probe(address, port, "/ready") == Answer(500, False, node)
+        assert http_probe(address, port, "/healthz") == Answer(404, False, node)
         mark = run.mark()
     run.wait_for("scaled-down", after=mark, timeout=SCALEDOWN + SCALEDOWN_BOUND)
 
     mark = run.mark()
-    paths = ["/", "/healthz", "/never-probed"]
+    paths = ["/", "/ready", "/healthz", "/never-probed"]
     answers = {path: Counter[Answer]() for path in paths}
     for i in range(100):
         path = paths[i % len(paths)]
-        answers[path][http_probe(address, sample.port, path)] += 1
-    tcp_answers = Counter(tcp_probe(address, sample.port) for _ in range(100))
+        answers[path][http_probe(address, port, path)] += 1
+    tcp_answers = Counter(tcp_probe(address, port) for _ in range(100))
 
     assert answers == {
-        "/": {Answer(200, True, node): 34},
-        "/healthz": {Answer(404, True, node): 33},
+        "/": {Answer(200, True, node): 25},
+        "/ready": {Answer(500, True, node): 25},  # the last answer, not the first
+        "/healthz": {Answer(404, True, node): 25},
         # Never answered by the app: the configured default.
-        "/never-probed": {Answer(503, True, node): 33},
+        "/never-probed": {Answer(503, True, node): 25},
     }
     assert tcp_answers == {b"": 100}, tcp_answers
     assert not wakes(run, mark), wakes(run, mark)
@@ -203,8 +252,8 @@ def test_http_and_tcp_probes_never_wake_the_app_and_get_its_last_answer(pod: Sta
     assert status["phase"] == "scaled-down" and status["last_restore_ms"] is None, status
     assert not run.app(), "an app process runs in the pod"
 
-    # Real traffic from the same address still wakes it.
-    conn = http.client.HTTPConnection(address, sample.port, timeout=CLIENT_TIMEOUT)
+    # Real traffic from the same address wakes it.
+    conn = http.client.HTTPConnection(address, port, timeout=CLIENT_TIMEOUT)
     try:
         assert get(conn)[0] == 200
     finally:
@@ -229,21 +278,6 @@ server.wait_for_termination()
 SERVING, NOT_SERVING = 1, 2
 
 
-class GrpcHealth(Server):
-    """grpcio's health service: the server is serving, its "readiness" is not."""
-
-    name = "grpc"
-    title = "gRPC health service (grpcio)"
-    port = 50051
-
-    def check_available(self) -> None:
-        if not PYTHON.exists():
-            raise Unavailable("no .venv/bin/python: run scripts/setup")
-
-    def launch(self, workdir: Path, scratch: Scratch) -> Launch:
-        return Launch([str(PYTHON), "-c", GRPC_HEALTH_APP, str(self.port)], workdir)
-
-
 def grpc_probe(address: str, port: int, service: str) -> int:
     """A health check as kubelet's gRPC prober makes it; the serving status."""
     import grpc
@@ -259,7 +293,8 @@ def grpc_probe(address: str, port: int, service: str) -> int:
 
 
 def test_grpc_health_probes_never_wake_the_app_and_get_its_last_answer(pod: StartPod) -> None:
-    server = GrpcHealth()
+    # grpcio's health service: the server is serving, its "readiness" is not.
+    server = ScriptApp("grpc", 50051, GRPC_HEALTH_APP)
     run = pod(server)
     address = run.address()
     with client_holding(run):
