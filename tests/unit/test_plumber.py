@@ -3,8 +3,11 @@ exits when idle; and the activator's own process never loads pyroute2."""
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -41,10 +44,33 @@ def test_the_helper_serves_on_after_a_failed_request_and_exits_when_idle() -> No
     helper = Plumber(idle_s=0.2)
     with pytest.raises(PodError, match="no-such-op failed in the netlink helper: KeyError"):
         helper.call("no-such-op")
-    first = helper._helper
+    first = helper.pid
     assert first is not None
     with pytest.raises(PodError, match="no-such-op"):
         helper.call("no-such-op")
-    assert helper._helper is first, "the same helper answered again"
-    # Idle: told to exit (EOF on its stdin), it does, cleanly.
-    assert first.wait(timeout=30) == 0
+    assert helper.pid == first, "the same helper answered again"
+    # Idle, it is told to exit (EOF on its stdin), and does.
+    pidfd = os.pidfd_open(first)
+    try:
+        assert select.select([pidfd], [], [], 60)[0], "the idle helper still runs"
+    finally:
+        os.close(pidfd)
+
+
+def test_replies_reach_their_own_callers_when_requests_overlap() -> None:
+    helper = Plumber()
+    ops = [f"op-{i}" for i in range(20)]
+
+    def ask(op: str) -> str:
+        try:
+            helper.call(op, value=op)
+        except PodError as exc:
+            return str(exc)
+        return "no error"
+
+    try:
+        with ThreadPoolExecutor(len(ops)) as callers:
+            answers = list(callers.map(ask, ops))
+    finally:
+        helper.close()
+    assert answers == [f"{op} failed in the netlink helper: KeyError: '{op}'" for op in ops]
