@@ -16,9 +16,11 @@ of a connection goes back to the loop with `call_soon_threadsafe`. The thread
 alone owns the descriptors it was given and closes them.
 
 Backpressure: a direction reads from its source only what its pipe can take,
-and only writes what the pipe holds; a blocked side waits for its next epoll
-edge (EPOLLET: a pair is pumped until each direction is blocked on its source
-(EAGAIN) or its destination (EAGAIN), so every wait has an edge to end it).
+and only writes what the pipe holds. It is pumped until its source has nothing
+(EAGAIN) or its destination takes nothing (EAGAIN); then it waits, edge-
+triggered, for its source to be readable or for its destination to be
+writable, and only for that: a source whose destination is full is not
+watched, or every segment arriving on it would wake the thread for nothing.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ log = logging.getLogger(__name__)
 # (a user's total of pipe pages is capped without CAP_SYS_RESOURCE), and then
 # the default size serves.
 PIPE_SIZE = 1 << 20
-_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP
+_ENDED = select.EPOLLHUP | select.EPOLLERR  # reported whatever is watched
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
@@ -62,6 +64,7 @@ class _Direction:
     """One way of a pair: source socket -> pipe -> destination socket."""
 
     __slots__ = (
+        "blocked",
         "dst",
         "eof",
         "error",
@@ -71,6 +74,7 @@ class _Direction:
         "room",
         "shut",
         "src",
+        "src_events",
         "to_client",
     )
 
@@ -86,6 +90,8 @@ class _Direction:
         self.eof = False  # the source is done (end of file, or an error)
         self.shut = False  # the destination got our FIN
         self.error: OSError | None = None  # why the source ended, if not a FIN
+        self.blocked = False  # the destination took nothing: wait until writable
+        self.src_events = _READABLE | select.EPOLLET  # watched on the source socket
 
     def close(self) -> None:
         os.close(self.pipe_r)
@@ -146,11 +152,10 @@ class SpliceRelay:
         client.setblocking(False)
         app.setblocking(False)
         pair = RelayedPair(client, app, account, ended, asyncio.get_running_loop())
-        # Registered with both interests at once: edge-triggered, never modified.
-        events = _READ | _WRITE | select.EPOLLET
-        for sock in (client, app):
+        for sock, d in ((client, pair.to_app), (app, pair.to_client)):
             self._pairs[sock.fileno()] = pair
-            self._epoll.register(sock, events)
+            # Edge-triggered: what is already readable is reported at once.
+            self._epoll.register(sock, d.src_events)
         return pair
 
     def close(self, pair: RelayedPair, reset: bool = False) -> None:
@@ -169,13 +174,20 @@ class SpliceRelay:
                 pair = pairs.get(fd)
                 if pair is None:
                     continue  # ended earlier in this batch
+                if fd == pair.client_fd:
+                    reading, writing = pair.to_app, pair.to_client
+                else:
+                    reading, writing = pair.to_client, pair.to_app
                 try:
-                    if events & _READ:
-                        self._pump(pair, pair.to_app if fd == pair.client_fd else pair.to_client)
-                    if events & _WRITE and not pair.done:
-                        d = pair.to_client if fd == pair.client_fd else pair.to_app
-                        if d.pending:  # else its source is drained: nothing to do
-                            self._pump(pair, d)
+                    if writing.blocked and events & (select.EPOLLOUT | _ENDED):
+                        writing.blocked = False
+                        self._pump(pair, writing)
+                    if events & (_READABLE | _ENDED) and not (
+                        reading.eof or reading.blocked or pair.done
+                    ):
+                        self._pump(pair, reading)
+                    if not pair.done:
+                        self._watch(pair)
                 except Exception as exc:  # a bug here must not end every other relay
                     log.exception("splice relay: connection failed")
                     self._end(pair, OSError(errno.EIO, f"relay failed: {exc!r}"))
@@ -222,7 +234,8 @@ class SpliceRelay:
                 try:
                     n = os.splice(d.pipe_r, d.dst, d.pending, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    return  # the destination is full: its EPOLLOUT edge resumes
+                    d.blocked = True  # until the destination is writable again
+                    return
                 except OSError as exc:
                     self._end(pair, exc)  # nowhere to write to
                     return
@@ -241,6 +254,18 @@ class SpliceRelay:
                     (pair.app if d is pair.to_app else pair.client).shutdown(socket.SHUT_WR)
                 if pair.to_app.shut and pair.to_client.shut:
                     self._end(pair, None)
+
+    def _watch(self, pair: RelayedPair) -> None:
+        """Watch each socket for what its directions wait for, and only that."""
+        for d, other in ((pair.to_app, pair.to_client), (pair.to_client, pair.to_app)):
+            events = select.EPOLLET
+            if not (d.eof or d.blocked):
+                events |= _READABLE
+            if other.blocked:  # other.dst is d.src
+                events |= select.EPOLLOUT
+            if events != d.src_events:
+                d.src_events = events
+                self._epoll.modify(d.src, events)
 
     def _end(self, pair: RelayedPair, error: OSError | None) -> None:
         if pair.done:
