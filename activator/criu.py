@@ -250,13 +250,13 @@ class Criu:
         """The same CRIU for one pod, which starts the `criu swrk` of the pod's
         next call ahead of it (a dump after a restore, a restore after a dump),
         so that CRIU's start-up (fork, exec, loading) is off the wake's path.
-        It costs an idle CRIU process per pod (about 1 MiB of its own memory).
-        Call from the event loop; close() ends the spare."""
+        From the pod's second call on; it costs an idle CRIU process per pod
+        (about 1 MiB of its own memory). Call from the event loop; close() ends
+        the spare."""
         import asyncio  # here: a CRIU without a pod (the CLI, adoption) needs no loop
 
         criu = Criu(self.binary, self.options, self.launcher)
         criu._spare = _Spare(criu, asyncio.get_running_loop())
-        criu._spare.prepare(None)  # a pod starts running: a dump comes first
         return criu
 
     def close(self) -> None:
