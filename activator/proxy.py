@@ -306,9 +306,21 @@ class ClientConnection(_Side):
         ):
             return
         # Duplicates: closing a transport then closes only its own descriptor
-        # (no FIN, no reset) and takes it out of the event loop's epoll.
-        client = _dup_socket(self.transport)
-        app = _dup_socket(upstream.transport)
+        # (no FIN, no reset) and takes it out of the event loop's epoll. The
+        # relay may start before that: the loop cannot read or write meanwhile.
+        dups: list[socket.socket] = []
+        try:
+            for transport in (self.transport, upstream.transport):
+                dups.append(
+                    socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+                )
+            self.relayed = splice.relay().relay(dups[0], dups[1], self, self.connection_lost)
+        except OSError as exc:  # out of descriptors, say: relaying goes on here
+            for sock in dups:
+                sock.close()
+            self.bulk = False
+            log.warning("connection %d: not spliced: %s", self.id, exc)
+            return
         for side in (self, upstream):
             assert side.transport is not None
             side.transport.set_protocol(asyncio.Protocol())  # its end is no news
@@ -320,7 +332,6 @@ class ClientConnection(_Side):
             self.bytes_to_app,
             self.bytes_to_client,
         )
-        self.relayed = splice.relay().relay(client, app, self, self.connection_lost)
 
     def close(self) -> None:
         if self.relayed is not None:
@@ -456,11 +467,6 @@ class ClientConnection(_Side):
         elif self.transport is not None:
             # A reset, not a FIN: the client must not mistake this for an answer.
             reset(self.transport)
-
-
-def _dup_socket(transport: asyncio.Transport) -> socket.socket:
-    sock = transport.get_extra_info("socket")
-    return socket.socket(fileno=os.dup(sock.fileno()))
 
 
 def reset(transport: asyncio.Transport) -> None:

@@ -117,7 +117,11 @@ class RelayedPair:
         self.ended = ended
         self.loop = loop
         self.to_app = _Direction(client_fd, app_fd, to_client=False)
-        self.to_client = _Direction(app_fd, client_fd, to_client=True)
+        try:
+            self.to_client = _Direction(app_fd, client_fd, to_client=True)
+        except OSError:
+            self.to_app.close()
+            raise
         self.done = False
 
     def pending(self) -> int:
@@ -152,10 +156,19 @@ class SpliceRelay:
         client.setblocking(False)
         app.setblocking(False)
         pair = RelayedPair(client, app, account, ended, asyncio.get_running_loop())
-        for sock, d in ((client, pair.to_app), (app, pair.to_client)):
-            self._pairs[sock.fileno()] = pair
-            # Edge-triggered: what is already readable is reported at once.
-            self._epoll.register(sock, d.src_events)
+        try:
+            for sock, d in ((client, pair.to_app), (app, pair.to_client)):
+                self._pairs[sock.fileno()] = pair
+                # Edge-triggered: what is already readable is reported at once.
+                self._epoll.register(sock, d.src_events)
+        except OSError:
+            for sock in (client, app):
+                if self._pairs.pop(sock.fileno(), None) is not None:
+                    with contextlib.suppress(OSError):
+                        self._epoll.unregister(sock)
+            pair.to_app.close()
+            pair.to_client.close()
+            raise
         return pair
 
     def close(self, pair: RelayedPair, reset: bool = False) -> None:
