@@ -106,6 +106,8 @@ class CriuOptions:
     log_level: int = 2
     # How long one dump or restore may take before CRIU is ended.
     timeout: float = 120.0
+    # Start each pod's next `criu swrk` ahead of its call (see Criu.ahead).
+    start_ahead: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

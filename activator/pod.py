@@ -163,6 +163,8 @@ class PodDriver:
                 f"pod {config.name}: the fast path is for local pods only (not yet in a "
                 "sidecar): remove the fast-path setting"
             )
+        if self.criu.options.start_ahead:
+            self.criu = self.criu.ahead()
         self.lifecycle = Lifecycle(
             Policy(scaledown_after=config.scaledown_after, fast_path=config.fast_path)
         )
@@ -598,6 +600,7 @@ class PodDriver:
 
     async def _remove_everything(self) -> None:
         self._stop_page_server()
+        self.criu.close()  # its spare CRIU holds the pod's namespaces
         self._stop_watching_direct_traffic()
         for conn in list(self.connections.values()):
             conn.refuse("pod removed")

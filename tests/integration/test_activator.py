@@ -524,8 +524,11 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
 # --- the tests -------------------------------------------------------------------
 
 
-def test_state_is_kept_across_five_scale_down_and_wake_cycles(activator: StartActivator) -> None:
-    act = activator()
+@pytest.mark.parametrize("flags", [(), ("--criu-ahead",)], ids=["", "criu-ahead"])
+def test_state_is_kept_across_five_scale_down_and_wake_cycles(
+    activator: StartActivator, flags: tuple[str, ...]
+) -> None:
+    act = activator(flags=flags)
     address = act.address()
     status, _ = request(address, "PUT", "/values/greeting", b"hello")
     assert status == 204

@@ -25,7 +25,7 @@ import uvloop
 from activator import commands as c
 from activator.children import child_exit, stop_child
 from activator.config import PodConfig
-from activator.criu import CriuError, Externals, LocalLauncher, OnStart
+from activator.criu import CriuError, CriuOptions, Externals, LocalLauncher, OnStart
 from activator.pod import PodDriver, SpawnFailed
 from netns.proc import Process, end
 
@@ -126,12 +126,16 @@ class FakeSandbox:
 
 class FakeCriu:
     launcher = LocalLauncher(Path("criu"))  # only its pre-flight answers are used
+    options = CriuOptions()  # no CRIU started ahead: there is none
 
     def __init__(self, app: str, port: int) -> None:
         self.app = app
         self.port = port
         self.restore_error: str | None = None
         self.dumps = 0
+
+    def close(self) -> None:
+        pass
 
     def dump(self, pid: int, images: Path, externals: Externals, on_start: OnStart) -> int:
         on_start(os.getpid())  # no CRIU process here: the journal names ours
