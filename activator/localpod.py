@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import cache
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from activator.criu import Externals
 from activator.pod import SpawnFailed
 from netns import nft, proc, sockdiag
 from netns.errors import NetnsError, SpawnError
-from netns.namespace import NetnsThread
+from netns.namespace import NetnsThread, NetnsWorker
 from netns.nft import Redirector
 from netns.pod import (
     Fallback,
@@ -42,6 +43,13 @@ log = logging.getLogger(__name__)
 
 # Sockets kept ready in each pod's namespace for the next connections.
 SPARE_SOCKETS = 2
+
+
+@cache
+def _pod_namespaces() -> NetnsWorker:
+    """The one thread that runs the calls of every pod in its namespace: a
+    thread per pod would cost ~30 KiB each, and the calls are short."""
+    return NetnsWorker("netns-pods")
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class LocalSandbox:
         )
         os.close(self.lifeline_r)  # the pause holds it now
         self.lifeline_r = -1
-        self.thread = NetnsThread(self.network.netns_path, name=f"netns-{self.name}")
+        self.thread = NetnsThread(self.network.netns_path, worker=_pod_namespaces())
         self.redirector = Redirector(self.thread)
         os.set_blocking(self.output_r, False)
         asyncio.get_running_loop().add_reader(self.output_r, self._log_output)

@@ -41,7 +41,7 @@ from pyroute2 import IPRoute  # noqa: E402
 from pyroute2 import netns as pyroute2_netns  # noqa: E402
 
 from netns import bridge, ipam, nft, pod  # noqa: E402
-from netns.namespace import NamespaceError, NetnsThread, ns_inode  # noqa: E402
+from netns.namespace import NamespaceError, NetnsThread, NetnsWorker, ns_inode  # noqa: E402
 
 TIMEOUT = 5.0
 REPO = Path(__file__).resolve().parents[2]
@@ -241,6 +241,36 @@ def test_netns_thread_reraises_and_serves_asyncio(lab: Lab) -> None:
     thread.close()
     with pytest.raises(NamespaceError, match="closed"):
         thread.call(int)
+
+
+def test_netns_threads_share_a_worker_each_call_in_its_own_pod(lab: Lab) -> None:
+    (a, _), (b, _) = lab.new_pod(), lab.new_pod()
+    worker = NetnsWorker("test-shared")
+    lab.defer(worker.stop)
+    in_a, in_b = NetnsThread(a.netns_path, worker=worker), NetnsThread(b.netns_path, worker=worker)
+    lab.defer(in_a.close)
+    lab.defer(in_b.close)
+
+    def where() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return tid, os.stat(f"/proc/self/task/{tid}/ns/net").st_ino
+
+    (tid_a, ns_a), (tid_b, ns_b) = in_a.call(where), in_b.call(where)
+    assert tid_a == tid_b, "one thread serves both"
+    assert (ns_a, ns_b) == (ns_inode(a.netns_path), ns_inode(b.netns_path))
+    # Between calls it is back home: it keeps no pod's namespace alive.
+    assert os.stat(f"/proc/self/task/{tid_a}/ns/net").st_ino == ns_inode("/proc/self/ns/net")
+    with in_b.socket() as sock:
+        sock.bind((str(b.address), 0))
+    in_a.close()
+    with pytest.raises(NamespaceError, match="closed"):
+        in_a.call(int)
+    assert in_b.call(where)[1] == ns_b, "closing one leaves the other served"
+    # A call for another namespace from inside a call would wait on itself.
+    again = NetnsThread(a.netns_path, worker=worker)
+    lab.defer(again.close)
+    with pytest.raises(NamespaceError, match="another namespace"):
+        in_b.call(again.call, int)
 
 
 def test_netns_thread_names_the_path_it_cannot_enter() -> None:
