@@ -11,9 +11,10 @@ The thread keeps the connection's activity accounting as the event loop did
 spoke last). These are plain attribute writes of ints, floats and bools, each
 atomic under the GIL; the event loop only reads them (to close quiet
 connections), so no lock is needed. Everything else crosses threads
-explicitly: the loop asks for a close through a queue and an eventfd; the end
-of a connection goes back to the loop with `call_soon_threadsafe`. The thread
-alone owns the descriptors it was given and closes them.
+explicitly: the loop asks for a start or a close through a queue and an
+eventfd; the end of a connection goes back to the loop with
+`call_soon_threadsafe`. The thread alone watches, reads, writes and closes the
+descriptors it was given.
 
 Backpressure: a direction reads from its source only what its pipe can take,
 and only writes what the pipe holds. It is pumped until its source has nothing
@@ -137,7 +138,7 @@ class SpliceRelay:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._pairs: dict[int, RelayedPair] = {}  # by either socket's descriptor
-        self._closing: collections.deque[tuple[RelayedPair, bool]] = collections.deque()
+        self._asked: collections.deque[Callable[[], None]] = collections.deque()
         self._thread = threading.Thread(target=self._run, name="splice-relay", daemon=True)
         self._thread.start()
 
@@ -156,24 +157,15 @@ class SpliceRelay:
         client.setblocking(False)
         app.setblocking(False)
         pair = RelayedPair(client, app, account, ended, asyncio.get_running_loop())
-        try:
-            for sock, d in ((client, pair.to_app), (app, pair.to_client)):
-                self._pairs[sock.fileno()] = pair
-                # Edge-triggered: what is already readable is reported at once.
-                self._epoll.register(sock, d.src_events)
-        except OSError:
-            for sock in (client, app):
-                if self._pairs.pop(sock.fileno(), None) is not None:
-                    with contextlib.suppress(OSError):
-                        self._epoll.unregister(sock)
-            pair.to_app.close()
-            pair.to_client.close()
-            raise
+        self._ask(lambda: self._start(pair))
         return pair
 
     def close(self, pair: RelayedPair, reset: bool = False) -> None:
         """Close both sockets: with a FIN, or the client's with a reset."""
-        self._closing.append((pair, reset))
+        self._ask(lambda: self._close(pair, reset))
+
+    def _ask(self, action: Callable[[], None]) -> None:
+        self._asked.append(action)
         os.eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
@@ -182,7 +174,7 @@ class SpliceRelay:
         while True:
             for fd, events in poll():
                 if fd == self._wake:
-                    self._close_asked()
+                    self._do_asked()
                     continue
                 pair = pairs.get(fd)
                 if pair is None:
@@ -205,18 +197,29 @@ class SpliceRelay:
                     log.exception("splice relay: connection failed")
                     self._end(pair, OSError(errno.EIO, f"relay failed: {exc!r}"))
 
-    def _close_asked(self) -> None:
+    def _do_asked(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
-        while self._closing:
-            pair, reset = self._closing.popleft()
-            if pair.done:
-                continue
-            if reset:
-                with contextlib.suppress(OSError):
-                    linger = struct.pack("ii", 1, 0)
-                    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-            self._end(pair, None)
+        while self._asked:
+            self._asked.popleft()()
+
+    def _start(self, pair: RelayedPair) -> None:
+        try:
+            for sock, d in ((pair.client, pair.to_app), (pair.app, pair.to_client)):
+                # Edge-triggered: what is already readable is reported at once.
+                self._epoll.register(sock, d.src_events)
+                self._pairs[sock.fileno()] = pair
+        except OSError as exc:
+            self._end(pair, exc)
+
+    def _close(self, pair: RelayedPair, reset: bool) -> None:
+        if pair.done:
+            return
+        if reset:
+            with contextlib.suppress(OSError):
+                linger = struct.pack("ii", 1, 0)
+                pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        self._end(pair, None)
 
     def _pump(self, pair: RelayedPair, d: _Direction) -> None:
         """Move what can move one way, until blocked on both ends."""
@@ -285,8 +288,8 @@ class SpliceRelay:
             return
         pair.done = True
         for sock in (pair.client, pair.app):
-            del self._pairs[sock.fileno()]
-            self._epoll.unregister(sock)
+            if self._pairs.pop(sock.fileno(), None) is pair:
+                self._epoll.unregister(sock)
             sock.close()
         pair.to_app.close()
         pair.to_client.close()
