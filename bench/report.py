@@ -932,21 +932,20 @@ def findings(
                     if marginal == marginal
                     else ""
                 )
-                + f", {e['threads']:.0f} threads): the "
-                "activator starts near 45 MiB (Python, uvloop, pyroute2, libnftables, pycriu). "
-                "Measured alone (60 netns, one process): a libnftables context kept after its "
-                "first command ~650 KiB, one made per command and freed ~44 KiB, a NetnsThread "
-                "~15 KiB. "
+                + f", {e['threads']:.0f} threads): "
                 + (
-                    "Most of the per-pod cost is the nft context each pod keeps: make it per "
-                    "command (expected about -60 MiB at 100 pods); then "
-                    if e["rss_per_pod_kib"] > 400
-                    else "With nft contexts per command, what is left per pod is the thread, "
-                    "its listeners, connections' buffers and driver objects; "
+                    "reached. "
+                    if top >= 100 and e["rss_mib"] <= TARGETS["density_mib"]
+                    else ""
                 )
-                + "one shared netns worker instead of a thread per pod and lazy imports "
-                "(pycriu, pyroute2) are the next steps; a native core would be the way well "
-                "under 60 MiB.",
+                + "The activator starts near 37 MiB (Python, uvloop with its ssl, libnftables, "
+                "pycriu); pyroute2 never loads in it (pod networks are made by a short-lived "
+                "netlink helper, `netns.plumber`), its threads share two malloc arenas (one "
+                "each cost the first 16 pods ~0.7 MiB apiece), and one worker thread serves "
+                "every pod's namespace. What is left per pod is its driver and proxy objects, "
+                "listeners, spare upstream sockets and what libnftables leaves in the heap; "
+                "a pod that turns the fast path on loads pyroute2's DiagSocket (~20 MiB, once). "
+                "A native core would be the way well under 60 MiB.",
             ]
     out += [""]
     return out
