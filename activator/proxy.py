@@ -35,8 +35,8 @@ _conn_ids = itertools.count(1)
 # How long a client answered in the app's place may take to close.
 DRAIN_TIMEOUT = 5.0
 # A read this big means a sender is ahead of us (bulk data): the connection
-# goes to the splice relay. Small exchanges (requests and answers of a few
-# KiB, keep-alive or not) stay in the event loop, where they are faster.
+# goes to the splice relay, for good. Connections that only exchange small
+# requests and answers stay in the event loop, where those are faster.
 BULK_READ = 64 * 1024
 
 
