@@ -201,7 +201,10 @@ class SpliceRelay:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
         while self._asked:
-            self._asked.popleft()()
+            try:
+                self._asked.popleft()()
+            except Exception:  # a bug here must not end the thread
+                log.exception("splice relay: a start or close failed")
 
     def _start(self, pair: RelayedPair) -> None:
         try:
@@ -289,7 +292,8 @@ class SpliceRelay:
         pair.done = True
         for sock in (pair.client, pair.app):
             if self._pairs.pop(sock.fileno(), None) is pair:
-                self._epoll.unregister(sock)
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(sock)
             sock.close()
         pair.to_app.close()
         pair.to_client.close()
