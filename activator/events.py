@@ -52,16 +52,19 @@ class IdleTimerFired(Event):
 
 @dataclass(frozen=True)
 class DirectTraffic(Event):
-    """What the fast path let through to the app since the last look: the
-    connections open now, and how many were opened meanwhile."""
+    """The fast path let `opened` new connections through to the app since the
+    last look."""
 
-    open: int
     opened: int
 
 
 @dataclass(frozen=True)
-class DirectPathClosed(DirectTraffic):
-    """The redirect is whole again; what came through directly before it was."""
+class DirectPathClosed(Event):
+    """The redirect is whole again: the connections the fast path let through
+    are `open` now, and `opened` were new since the last look."""
+
+    open: int
+    opened: int
 
 
 @dataclass(frozen=True)

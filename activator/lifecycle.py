@@ -16,9 +16,12 @@ Two rules shape the table:
   the app's answers); otherwise the activator answers them.
 
 The fast path (`Policy.fast_path`) lets new connections reach the running app
-directly; the activator only watches them (`DirectTraffic`). Before a
-checkpoint the path is closed and what came through it meanwhile is looked
-at once more (`DirectPathClosed`): only with nothing there does it go on.
+directly; the activator only counts them as they come (`DirectTraffic`, each a
+new start of the idle time). Whether they are still open is looked at when the
+idle time is up: the path is closed first and what came through it is looked
+at once more (`DirectPathClosed`). With a connection open, or one open at the
+last look and gone since, the path opens again and the idle time starts over;
+with nothing there, the checkpoint goes on.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class Lifecycle:
         self.held_connections: dict[int, int] = {}
         self.idle_deadline: float | None = None
         self.direct_path = DirectPath.CLOSED
-        self.direct_connections = 0  # open on the fast path, last we heard
+        self.direct_connections = 0  # open on the fast path at the last close
+        self.scale_down_requested = False  # by hand, while the fast path closes
         self.wake_requested = False
         self.recent_exits: list[float] = []
         self.checkpoint_failures = 0  # in a row
@@ -115,7 +119,7 @@ class Lifecycle:
     @property
     def idle(self) -> bool:
         """No client traffic: the idle deadline may run."""
-        return not (self.open_connections or self.held_connections or self.direct_connections)
+        return not self.open_connections and not self.held_connections
 
     @property
     def quiet(self) -> bool:
@@ -154,14 +158,9 @@ class Lifecycle:
             self.direct_path = DirectPath.CLOSING
             self._emit(c.CloseDirectPath())
 
-    def _direct_traffic_seen(self, ev: e.DirectTraffic) -> None:
-        """Traffic on the fast path (a connection open, opened or closed since
-        the last look) is activity: the idle deadline starts again."""
-        closed = self.direct_connections
-        self.direct_connections = ev.open
-        if ev.open or ev.opened or closed:
-            self._disarm_idle_timer()
-            self._arm_idle_timer_if_idle(ev.now)
+    def _idle_time_starts_again(self, now: float) -> None:
+        self._disarm_idle_timer()
+        self._arm_idle_timer_if_idle(now)
 
     def _forward_held(self) -> None:
         if self.held_connections:
@@ -271,22 +270,22 @@ def _checkpoint_if_due(m: Lifecycle, now: float) -> Phase:
 
 def _scale_down(m: Lifecycle, ev: Any) -> Phase:
     if not m.quiet:
-        n = (
-            len(m.open_connections)
-            + len(m.held_connections)
-            + len(m.open_probes)
-            + m.direct_connections
-        )
-        m._report("scale-down-refused", "warning", f"not scaling down: {n} connection(s) open")
+        n = len(m.open_connections) + len(m.held_connections) + len(m.open_probes)
+        _refuse_scale_down(m, f"{n} connection(s) open")
         return m.phase
     m._disarm_idle_timer()
     m.idle_deadline = ev.now  # due now (no timer: nothing is to fire)
+    m.scale_down_requested = m.direct_path is not DirectPath.CLOSED
     return _checkpoint_if_due(m, ev.now)
 
 
+def _refuse_scale_down(m: Lifecycle, why: str) -> None:
+    m._report("scale-down-refused", "warning", f"not scaling down: {why}")
+
+
 def _direct_traffic(m: Lifecycle, ev: Any) -> Phase:
-    if m.direct_path is DirectPath.OPEN:  # else: news from a path closed since
-        m._direct_traffic_seen(ev)
+    if m.direct_path is DirectPath.OPEN and ev.opened:  # else: stale, or nothing
+        m._idle_time_starts_again(ev.now)
     return m.phase
 
 
@@ -294,12 +293,21 @@ def _direct_path_closed(m: Lifecycle, ev: Any) -> Phase:
     if m.direct_path is not DirectPath.CLOSING:
         return m.phase  # closed and opened again since: stale
     m.direct_path = DirectPath.CLOSED
-    m._direct_traffic_seen(ev)
+    # Open at the last look and gone now: closed since, which is traffic too.
+    traffic = ev.open or ev.opened or m.direct_connections
+    m.direct_connections = ev.open
+    by_hand, m.scale_down_requested = m.scale_down_requested, False
     if m.phase is not Phase.RUNNING:
         return m.phase  # closed because the app went away
+    if traffic:
+        if by_hand:
+            _refuse_scale_down(m, f"{ev.open} direct connection(s) open, {ev.opened} new")
+        m._idle_time_starts_again(ev.now)
+        m._open_direct_path()
+        return m.phase
     phase = _checkpoint_if_due(m, ev.now)
     if phase is Phase.RUNNING:
-        m._open_direct_path()  # traffic came (directly or not): not idle after all
+        m._open_direct_path()  # a connection came through us meanwhile
     return phase
 
 

@@ -22,7 +22,7 @@ from activator.children import child_exit, stop_child
 from activator.config import PodConfig
 from activator.criu import Externals
 from activator.pod import SpawnFailed
-from netns import nft, proc, sockdiag
+from netns import nft, proc, tcp_table
 from netns.errors import NetnsError, SpawnError
 from netns.namespace import NetnsThread, NetnsWorker
 from netns.nft import Redirector
@@ -150,14 +150,12 @@ class LocalSandbox:
         assert self.redirector is not None
         await self._in_pod().acall(self.redirector.switch, shadow_ports, redirected)
 
-    async def direct_traffic(self, ports: Collection[int]) -> tuple[int, int]:
-        redirector = self.redirector
-        assert redirector is not None
+    async def direct_connections(self) -> int:
+        assert self.redirector is not None
+        return await self._in_pod().acall(self.redirector.direct_connections)
 
-        def look() -> tuple[int, int]:
-            return sockdiag.open_connections(ports), redirector.direct_connections()
-
-        return await self._in_pod().acall(look)
+    async def open_connections(self, ports: Collection[int]) -> int:
+        return await self._in_pod().acall(tcp_table.open_connections, ports)
 
     async def spawn_app(self, command: tuple[str, ...]) -> int:
         assert self.pause is not None

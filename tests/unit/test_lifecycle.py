@@ -324,7 +324,7 @@ def test_invariants_hold_for_any_sequence_of_events(data: st.DataObject) -> None
         elif choice == "exit" and m.phase in (Phase.RUNNING, Phase.CHECKPOINTING):
             feed(e.AppExited(now, "exit status 1"))
         elif choice == "direct":
-            feed(e.DirectTraffic(now, open=data.draw(traffic), opened=data.draw(traffic)))
+            feed(e.DirectTraffic(now, opened=data.draw(traffic)))
         elif choice == "closed" and closing:
             closing -= 1
             feed(e.DirectPathClosed(now, open=data.draw(traffic), opened=data.draw(traffic)))
@@ -463,21 +463,46 @@ def test_traffic_found_when_the_fast_path_closes_keeps_the_app_running() -> None
     assert m.phase is Phase.RUNNING
 
 
-def test_direct_connections_hold_off_scale_down_until_they_close() -> None:
+def test_new_direct_connections_start_the_idle_time_again() -> None:
+    m = running_with_fast_path()
+    assert (
+        Playbook(m)
+        >> e.DirectTraffic(4, opened=3)
+        << c.SetIdleDeadline(None)
+        << c.SetIdleDeadline(4 + IDLE)
+        >> e.IdleTimerFired(4 + IDLE)
+        << c.CloseDirectPath()
+    )
+
+
+def test_a_direct_connection_open_at_the_deadline_holds_the_pod_up_until_it_closes() -> None:
     m = running_with_fast_path()
     assert (
         Playbook(m, reports=True)
-        >> e.DirectTraffic(1, open=2, opened=2)
+        >> e.IdleTimerFired(IDLE)
+        << c.CloseDirectPath()
+        >> e.DirectPathClosed(IDLE, open=1, opened=0)  # a keep-alive connection
         << c.SetIdleDeadline(None)
-        >> e.ScaleDownRequested(2)
-        << Reported("scale-down-refused")
-        >> e.DirectTraffic(5, open=0, opened=0)  # both closed since
-        << c.SetIdleDeadline(5 + IDLE)
-        >> e.DirectTraffic(6, open=0, opened=0)  # nothing new
-        >> e.ScaleDownRequested(7)
+        << c.SetIdleDeadline(2 * IDLE)
+        << c.OpenDirectPath()
+        >> e.ScaleDownRequested(IDLE + 1)
         << c.SetIdleDeadline(None)
         << c.CloseDirectPath()
-        >> e.DirectPathClosed(7.01, open=0, opened=0)
+        >> e.DirectPathClosed(IDLE + 1, open=1, opened=0)
+        << Reported("scale-down-refused")
+        << c.SetIdleDeadline(None)
+        << c.SetIdleDeadline(2 * IDLE + 1)
+        << c.OpenDirectPath()
+        # Gone at the next look: it closed since, so the idle time starts over.
+        >> e.IdleTimerFired(2 * IDLE + 1)
+        << c.CloseDirectPath()
+        >> e.DirectPathClosed(2 * IDLE + 1, open=0, opened=0)
+        << c.SetIdleDeadline(None)
+        << c.SetIdleDeadline(3 * IDLE + 1)
+        << c.OpenDirectPath()
+        >> e.IdleTimerFired(3 * IDLE + 1)
+        << c.CloseDirectPath()
+        >> e.DirectPathClosed(3 * IDLE + 1, open=0, opened=0)
         << Reported("checkpointing")
         << c.Checkpoint()
     )
