@@ -895,14 +895,19 @@ def findings(
         t = px["summary"]["transfer"]
         out += [
             f"- **Proxy, throughput** ({med(t['ratio']):.2f}x direct for {t['mib']} MiB; "
-            f"{med(ka32['ratio_rps']):.2f}x the requests/s at 32 connections): the relay is "
-            "asyncio protocols in one Python thread: every chunk is read into a Python `bytes` "
-            f"and written out again ({med(t['activator_cpu_ms']):.0f} ms of activator CPU per "
-            f"{t['mib']} MiB; {med(ka1['activator_cpu_us_per_req']):.0f} us per small "
-            "request), on a 2-CPU machine shared with nginx and the client. Change: relay "
-            "running connections with `splice(2)` through a pipe (the design's `os.splice`), in "
-            "a small pool of relay threads (or hand the accepted socket to a native relay); "
-            "expected: large transfers near direct (no user-space copies, and a second core).",
+            f"{med(ka32['ratio_rps']):.2f}x the requests/s at 32 connections): a connection "
+            "moving bulk data (a read of 64 KiB or more) leaves the event loop for the "
+            "activator's splice relay thread, which moves it socket -> pipe -> socket with "
+            "`splice(2)`, without a user-space copy "
+            f"({med(t['activator_cpu_ms']):.0f} ms of activator CPU per {t['mib']} MiB, "
+            "most of it in the kernel). What "
+            "is left is the second TCP hop itself (nginx -> activator over the pod's loopback, "
+            "then on to the veth), run by a third busy process on a 2-CPU machine shared with "
+            "nginx and the client. Small requests stay in the event loop, faster there "
+            f"({med(ka1['activator_cpu_us_per_req']):.0f} us of CPU per small request). "
+            "Changes that would close it: keep the activator out of the path of a running "
+            "pod's connections (the direct fast path), or relay in the kernel (sockmap, which "
+            "needs the eBPF the design avoids).",
             f"- **Proxy, new connections** (`close-1`: {med(close['ratio_rps']):.2f}x the "
             f"requests/s of direct, +{med(close['added_p50_us']):.0f} us p50, "
             f"{med(close['activator_cpu_us_per_req']):.0f} us of activator CPU per "
@@ -933,18 +938,13 @@ def findings(
                     else ""
                 )
                 + f", {e['threads']:.0f} threads): "
-                + (
-                    "reached. "
-                    if top >= 100 and e["rss_mib"] <= TARGETS["density_mib"]
-                    else ""
-                )
+                + ("reached. " if top >= 100 and e["rss_mib"] <= TARGETS["density_mib"] else "")
                 + "The activator starts near 37 MiB (Python, uvloop with its ssl, libnftables, "
                 "pycriu); pyroute2 never loads in it (pod networks are made by a short-lived "
                 "netlink helper, `netns.plumber`), its threads share two malloc arenas (one "
                 "each cost the first 16 pods ~0.7 MiB apiece), and one worker thread serves "
                 "every pod's namespace. What is left per pod is its driver and proxy objects, "
-                "listeners, spare upstream sockets and what libnftables leaves in the heap; "
-                "a pod that turns the fast path on loads pyroute2's DiagSocket (~20 MiB, once). "
+                "listeners, spare upstream sockets and what libnftables leaves in the heap. "
                 "A native core would be the way well under 60 MiB.",
             ]
     out += [""]
