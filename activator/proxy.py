@@ -136,8 +136,10 @@ class _Upstream(_Side):
 
     def eof_received(self) -> bool:
         # The app's FIN goes on to the client after whatever came before it
-        # (a half close: the client may still send).
-        if self.client.first_byte_at is None:
+        # (a half close: the client may still send). After the client's own
+        # FIN it is only the app's reply to it (a client that connected and
+        # left without a request, as load balancers' TCP checks do).
+        if self.client.first_byte_at is None and not self.client.eof:
             self.client.app_ended_unanswered("closed the connection", "a FIN")
         return super().eof_received()
 

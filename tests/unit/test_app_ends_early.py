@@ -85,3 +85,23 @@ def test_an_app_that_ends_the_connection_unanswered_ends_the_clients_with_a_warn
     )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(re.fullmatch(warning, w) for w in warnings), warnings
+
+
+def test_a_client_that_leaves_without_a_request_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "activator.proxy")
+
+    async def scenario(h: Harness) -> None:
+        await until(lambda: h.pod.lifecycle.phase is Phase.RUNNING)
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.shadow_port)
+        # Silent past the probe wait: real traffic, relayed to the app.
+        await until(lambda: h.pod.lifecycle.open_connections)
+        writer.write_eof()
+        # The app answers the client's FIN with its own, which reaches the client.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+    run(tmp_path, scenario, scaledown_after=60)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not warnings, warnings
