@@ -293,8 +293,10 @@ class Bench:
             self.defer(self.client.close)
         return self.client
 
-    def activator(self, first: PodSpec, tag: str = "activator") -> Activator:
-        act = Activator(self.workdir / tag, first)
+    def activator(
+        self, first: PodSpec, tag: str = "activator", criu_ahead: bool = False
+    ) -> Activator:
+        act = Activator(self.workdir / tag, first, criu_ahead)
         self.defer(act.stop)
         return act
 
@@ -871,6 +873,7 @@ class PodSpec:
     ports: tuple[int, ...] = (APP_PORT,)
     scaledown_after: str = "1h"  # Go duration syntax, as the CLI takes it
     lazy_restore: bool = False
+    fast_path: bool = False
 
 
 def in_own_directory(directory: Path, command: Sequence[str]) -> tuple[str, ...]:
@@ -943,7 +946,7 @@ class Events:
 class Activator:
     """`activator run` with one pod; more pods through its control socket."""
 
-    def __init__(self, directory: Path, first: PodSpec) -> None:
+    def __init__(self, directory: Path, first: PodSpec, criu_ahead: bool = False) -> None:
         from activator.control import AGENTS_DIR
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -956,6 +959,8 @@ class Activator:
             "--scaledown-after", first.scaledown_after,
             "--events", str(self.events.path), "--state-dir", str(directory / "state"),
             *(["--lazy-restore"] if first.lazy_restore else []),
+            *(["--fast-path"] if first.fast_path else []),
+            *(["--criu-ahead"] if criu_ahead else []),
             "--", *self.command(first),
         ]  # fmt: skip
         with self.log_path.open("ab") as log_file:
@@ -1018,6 +1023,7 @@ class Activator:
             "command": list(self.command(spec)),
             "scaledown_after": spec.scaledown_after,
             "lazy_restore": spec.lazy_restore,
+            "fast_path": spec.fast_path,
         }
         try:
             answer = self.ask({"op": "add", "settings": settings})

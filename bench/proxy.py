@@ -7,6 +7,13 @@ to nginx over the pod's loopback; port 8081 is not declared, so a client
 reaches nginx there directly. The client sits in another pod (netns on the
 same bridge), so both paths cross the same veths.
 
+The fast path: a second, identical nginx pod whose activator runs with
+`--fast-path`. Once the app runs, its nft table lets new connections from
+non-probe sources (our client) through to nginx, counted; the bench waits
+until the table holds the fast path's rules, and checks they are still there
+at each repetition. Its port 8080 is the fast path; its 8081 the fast path's
+baseline (the same nginx, reached directly).
+
 - small responses: wrk (Debian's) against GET / (a 17-byte body) through
   each path, alternating, in three shapes: keep-alive with 1 connection
   (latency: p50/p99), keep-alive with 32 connections (throughput: requests/s),
@@ -45,6 +52,7 @@ from bench.common import (
 )
 
 PROXIED, DIRECT = 8080, 8081
+FAST_DIRECT = "direct to the fast-path pod"
 BIG_MIB = 100
 
 NGINX_CONF = """\
@@ -70,7 +78,7 @@ http {{
     server {{
         listen {proxied} reuseport backlog=4096;
         listen {direct} reuseport backlog=4096;
-        root {dir}/www;
+        root {www};
         location = / {{
             default_type text/plain;
             return 200 "hello from nginx\\n";
@@ -156,6 +164,41 @@ def download(client: ClientNetns, host: str, port: int, path: str) -> tuple[int,
         sock.close()
 
 
+def nginx_pod(b: Bench, nginx: str, www: Path, suffix: str, fast_path: bool) -> PodSpec:
+    """A pod running nginx from its own directory (pid file, temp dirs), serving `www`."""
+    site = b.workdir / f"nginx-{suffix}"
+    (site / "tmp").mkdir(parents=True)
+    conf = site / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=site, www=www, proxied=PROXIED, direct=DIRECT))
+    command = (nginx, "-e", "stderr", "-c", str(conf))
+    return PodSpec(b.pod_name(suffix), command, (PROXIED,), fast_path=fast_path)
+
+
+def direct_path_open(pod: str) -> bool:
+    """Whether the pod's nft table lets new connections through to the app: the
+    fast path's rules (a counted pass-through) instead of the plain redirect."""
+    from netns.nft import COUNTER, TABLE
+    from netns.pod import NETNS_DIR, netns_name
+
+    out = subprocess.run(
+        ["nsenter", f"--net={NETNS_DIR / netns_name(pod)}", "nft", "list", "table", "ip", TABLE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.returncode == 0 and f'counter name "{COUNTER}"' in out.stdout
+
+
+def wait_direct_path(pod: str, timeout: float = 60) -> float:
+    """Wait until the pod's fast path is open; return the seconds waited."""
+    t0 = time.monotonic()
+    while not direct_path_open(pod):
+        if time.monotonic() - t0 > timeout:
+            raise BenchError(f"pod {pod}: the fast path did not open within {timeout:g}s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=None, help="runs per scenario and path")
@@ -173,71 +216,91 @@ def main(argv: list[str] | None = None) -> int:
 
     with Bench("proxy", args) as b:
         client = b.client_netns()
-        site = b.workdir / "nginx"
-        for sub in ("www", "tmp"):
-            (site / sub).mkdir(parents=True)
+        www = b.workdir / "www"
+        www.mkdir()
         chunk = os.urandom(1 << 20)
-        with (site / "www" / "big.bin").open("wb") as f:
+        with (www / "big.bin").open("wb") as f:
             for _ in range(BIG_MIB):
                 f.write(chunk)
-        conf = site / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=site, proxied=PROXIED, direct=DIRECT))
         script = b.workdir / "report.lua"
         script.write_text(WRK_SCRIPT)
-        spec = PodSpec(b.pod_name("px"), (nginx, "-e", "stderr", "-c", str(conf)), (PROXIED,))
+        spec = nginx_pod(b, nginx, www, "px", fast_path=False)
         act = b.activator(spec)
         address = act.pod(spec.name)["address"]
+        fast_spec = nginx_pod(b, nginx, www, "pxfast", fast_path=True)
+        fast_act = b.activator(fast_spec, tag="activator-fast-path")
+        fast_address = fast_act.pod(fast_spec.name)["address"]
         client.fill()
-        http_get(client, address, DIRECT, "/", poll=True, timeout=30)
-        reply = http_get(client, address, PROXIED, "/", timeout=30)
-        if reply.status != 200:
-            raise BenchError(f"nginx through the activator answered {reply.status}")
-        paths = {"direct": DIRECT, "activator": PROXIED}
-        log(f"nginx in pod {spec.name} at {address}: direct :{DIRECT}, activator :{PROXIED}")
+        for host in (address, fast_address):
+            http_get(client, host, DIRECT, "/", poll=True, timeout=30)
+            reply = http_get(client, host, PROXIED, "/", timeout=30)
+            if reply.status != 200:
+                raise BenchError(f"nginx at {host} through the activator answered {reply.status}")
+        waited = wait_direct_path(fast_spec.name)
+        # name -> (address, port, the activator whose CPU the run costs). The fast
+        # path's baseline is the same nginx reached on its undeclared port: the
+        # two pods' nginx may differ (placement, conntrack tables of their netns).
+        paths = {
+            "direct": (address, DIRECT, act),
+            "activator": (address, PROXIED, act),
+            "fast path": (fast_address, PROXIED, fast_act),
+            FAST_DIRECT: (fast_address, DIRECT, fast_act),
+        }
+        log(
+            f"nginx in pod {spec.name} at {address}: direct :{DIRECT}, activator :{PROXIED}; "
+            f"in pod {fast_spec.name} at {fast_address} (--fast-path, open after "
+            f"{waited:.2f}s): :{PROXIED}"
+        )
 
         for _name, conns, close in SCENARIOS:  # warm-up, not counted
-            for port in paths.values():
-                wrk(client, f"http://{address}:{port}/", conns, close, 1, script)
+            for host, port, _act in paths.values():
+                wrk(client, f"http://{host}:{port}/", conns, close, 1, script)
 
         runs = {(sc[0], p): Series() for sc in SCENARIOS for p in paths}
         for rep in range(reps):
             b.settle(f"wrk rep {rep + 1}")
+            if not direct_path_open(fast_spec.name):
+                raise BenchError(f"pod {fast_spec.name}: the fast path closed during the run")
             for name, conns, close in SCENARIOS:
                 order = list(paths) if rep % 2 == 0 else list(reversed(paths))
                 for path in order:
-                    cpu0 = act.cpu_seconds()
-                    r = wrk(
-                        client, f"http://{address}:{paths[path]}/", conns, close, seconds, script
-                    )
-                    cpu = act.cpu_seconds() - cpu0
+                    host, port, owner = paths[path]
+                    cpu0 = owner.cpu_seconds()
+                    r = wrk(client, f"http://{host}:{port}/", conns, close, seconds, script)
+                    cpu = owner.cpu_seconds() - cpu0
                     r["activator_cpu_us_per_req"] = cpu / max(1, r["requests"]) * 1e6
                     runs[(name, path)].add(**r)
             b.check_quiet(f"wrk rep {rep + 1}")
-            d = runs[("keepalive-1", "direct")]["p50"][-1]
-            a = runs[("keepalive-1", "activator")]["p50"][-1]
-            log(f"rep {rep + 1}/{reps}: keep-alive p50 direct {d} us, activator {a} us")
+            p50 = {p: runs[("keepalive-1", p)]["p50"][-1] for p in paths}
+            log(f"rep {rep + 1}/{reps}: keep-alive p50 (us) {p50}")
 
         transfers = {p: Series() for p in paths}
         for _ in range(2):  # warm-up
-            for port in paths.values():
-                download(client, address, port, "/big.bin")
+            for host, port, _act in paths.values():
+                download(client, host, port, "/big.bin")
         b.settle("transfers")
         for rep in range(transfer_reps):
             order = list(paths) if rep % 2 == 0 else list(reversed(paths))
             for path in order:
-                cpu0 = act.cpu_seconds()
-                size, took = download(client, address, paths[path], "/big.bin")
-                cpu = act.cpu_seconds() - cpu0
+                host, port, owner = paths[path]
+                cpu0 = owner.cpu_seconds()
+                size, took = download(client, host, port, "/big.bin")
+                cpu = owner.cpu_seconds() - cpu0
                 transfers[path].add(
                     mib_s=size / 1048576 / took, ms=took * 1000, activator_cpu_ms=cpu * 1000
                 )
         b.check_quiet("transfers")
+        fast_path_held = direct_path_open(fast_spec.name)
+        fast_act.stop()
         act.stop()
+        if not fast_path_held:
+            raise BenchError(f"pod {fast_spec.name}: the fast path closed during the run")
 
         summary: dict[str, Any] = {"scenarios": {}, "transfer": {}}
         rows = []
         for name, conns, close in SCENARIOS:
             d, a = runs[(name, "direct")], runs[(name, "activator")]
+            f, fd = runs[(name, "fast path")], runs[(name, FAST_DIRECT)]
             entry = {
                 "connections": conns,
                 "new_connection_per_request": close,
@@ -251,7 +314,17 @@ def main(argv: list[str] | None = None) -> int:
                 "activator_p99_us": summarize(a["p99"]),
                 "added_p99_us": summarize(paired(a["p99"], d["p99"], "diff")),
                 "activator_cpu_us_per_req": summarize(a["activator_cpu_us_per_req"]),
-                "errors": sum(d["errors"]) + sum(a["errors"]),
+                "fast_path_rps": summarize(f["rps"]),
+                "fast_pod_direct_rps": summarize(fd["rps"]),
+                "fast_path_ratio_rps": summarize(paired(f["rps"], fd["rps"], "ratio")),
+                "fast_path_ratio_rps_vs_first_pod": summarize(paired(f["rps"], d["rps"], "ratio")),
+                "fast_path_p50_us": summarize(f["p50"]),
+                "fast_pod_direct_p50_us": summarize(fd["p50"]),
+                "fast_path_added_p50_us": summarize(paired(f["p50"], fd["p50"], "diff")),
+                "fast_path_p99_us": summarize(f["p99"]),
+                "fast_pod_direct_p99_us": summarize(fd["p99"]),
+                "fast_path_cpu_us_per_req": summarize(f["activator_cpu_us_per_req"]),
+                "errors": sum(sum(runs[(name, p)]["errors"]) for p in paths),
             }
             summary["scenarios"][name] = entry
             rows.append(
@@ -260,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                     fmt(entry["direct_rps"], "", 0),
                     fmt(entry["activator_rps"], "", 0),
                     fmt(entry["ratio_rps"], "x", 2),
+                    fmt(entry["fast_pod_direct_rps"], "", 0),
+                    fmt(entry["fast_path_rps"], "", 0),
+                    fmt(entry["fast_path_ratio_rps"], "x", 2),
                     fmt(entry["direct_p50_us"], "", 0),
                     fmt(entry["activator_p50_us"], "", 0),
                     fmt(entry["added_p50_us"], "", 0),
+                    fmt(entry["fast_path_p50_us"], "", 0),
                     fmt(entry["direct_p99_us"], "", 0),
                     fmt(entry["activator_p99_us"], "", 0),
                     fmt(entry["activator_cpu_us_per_req"], "", 1),
@@ -270,31 +347,39 @@ def main(argv: list[str] | None = None) -> int:
             )
         print_table(
             f"Small responses (wrk, {seconds:g}s x {reps} per path), median [p10-p90]; us",
-            ["scenario", "direct rps", "act. rps", "ratio", "p50 d", "p50 a", "+p50",
-             "p99 d", "p99 a", "act cpu/req"],
+            ["scenario", "direct rps", "act. rps", "ratio", "fast pod direct", "fast rps", "ratio",
+             "p50 d", "p50 a", "+p50", "p50 fast", "p99 d", "p99 a", "act cpu/req"],
             rows,
         )  # fmt: skip
         td, ta = transfers["direct"], transfers["activator"]
+        tf, tfd = transfers["fast path"], transfers[FAST_DIRECT]
         summary["transfer"] = {
             "mib": BIG_MIB,
             "direct_mib_s": summarize(td["mib_s"]),
             "activator_mib_s": summarize(ta["mib_s"]),
             "ratio": summarize(paired(ta["mib_s"], td["mib_s"], "ratio")),
             "activator_cpu_ms": summarize(ta["activator_cpu_ms"]),
+            "fast_path_mib_s": summarize(tf["mib_s"]),
+            "fast_pod_direct_mib_s": summarize(tfd["mib_s"]),
+            "fast_path_ratio": summarize(paired(tf["mib_s"], tfd["mib_s"], "ratio")),
+            "fast_path_cpu_ms": summarize(tf["activator_cpu_ms"]),
         }
         t = summary["transfer"]
         print_table(
             f"{BIG_MIB} MiB transfers ({transfer_reps} per path), MiB/s, median [p10-p90]",
-            ["direct", "activator", "ratio", "activator CPU ms per transfer"],
+            ["direct", "activator", "ratio", "activator CPU ms per transfer", "fast path",
+             "ratio"],
             [
                 [
                     fmt(t["direct_mib_s"], "", 0),
                     fmt(t["activator_mib_s"], "", 0),
                     fmt(t["ratio"], "x", 2),
                     fmt(t["activator_cpu_ms"], "", 0),
+                    fmt(t["fast_path_mib_s"], "", 0),
+                    fmt(t["fast_path_ratio"], "x", 2),
                 ]
             ],
-        )
+        )  # fmt: skip
         samples = {
             "wrk": {f"{k[0]}/{k[1]}": v.data for k, v in runs.items()},
             "transfer": {k: v.data for k, v in transfers.items()},
@@ -305,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             "transfer_reps": transfer_reps,
             "transfer_mib": BIG_MIB,
             "scenarios": [list(s) for s in SCENARIOS],
+            "paths": list(paths),
+            "fast_path_open_after_s": waited,
             "nginx": subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip(),
             "wrk": "wrk -t1 (Debian)",
         }

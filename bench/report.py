@@ -16,6 +16,7 @@ TARGETS = {
     "checkpoint": 1.1,  # activator checkpoint / raw criu dump CLI
     "added_p50_us": 100.0,
     "transfer": 0.9,  # activator / direct throughput
+    "fast_path_rps": 0.97,  # fast path / direct requests/s
     "density_mib": 60.0,  # the activator with 100 scaled-down pods
 }
 
@@ -92,6 +93,13 @@ def plot_wake(wc: dict[str, Any], out: Path) -> str:
 
     s = wc["summary"]
     sizes = [str(x) for x in s["sizes"]]
+    ahead = [
+        (
+            "activator --criu-ahead",
+            [s["wake"][x].get("ahead", {}) for x in sizes],
+            "#aec7e8",
+        )
+    ]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     _bars(
         ax,
@@ -102,6 +110,7 @@ def plot_wake(wc: dict[str, Any], out: Path) -> str:
                 [s["wake"][x]["activator"] for x in sizes],
                 "#1f77b4",
             ),
+            *(ahead if all("ahead" in s["wake"][x] for x in sizes) else []),
             (
                 "raw `criu restore` CLI (start -> first byte, polled 1 ms)",
                 [s["wake"][x]["raw"] for x in sizes],
@@ -237,6 +246,11 @@ def plot_proxy(px: dict[str, Any], out: Path) -> str:
         [
             ("direct", [sc[n]["direct_rps"] for n in names], "#ff7f0e"),
             ("through the activator", [sc[n]["activator_rps"] for n in names], "#1f77b4"),
+            *(
+                [("fast path", [sc[n]["fast_path_rps"] for n in names], "#2ca02c")]
+                if all("fast_path_rps" in sc[n] for n in names)
+                else []
+            ),
         ],
     )
     axes[0].set_yscale("log")
@@ -262,6 +276,7 @@ def plot_proxy(px: dict[str, Any], out: Path) -> str:
         [
             ("direct", [t["direct_mib_s"]], "#ff7f0e"),
             ("through the activator", [t["activator_mib_s"]], "#1f77b4"),
+            *([("fast path", [t["fast_path_mib_s"]], "#2ca02c")] if "fast_path_mib_s" in t else []),
         ],
     )
     axes[2].set_title("Large transfer, MiB/s")
@@ -379,6 +394,18 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                 ]
             )
         for x in map(str, s["sizes"]):
+            if "ratio_raw_ahead" not in s["wake"][x]:
+                continue
+            r = s["wake"][x]["ratio_raw_ahead"]
+            rows.append(
+                [
+                    f"the same with `--criu-ahead`, {x} MiB",
+                    span(r, "x", 2),
+                    f"{med(s['wake'][x]['ahead']):.1f} vs {med(s['wake'][x]['raw']):.1f} ms",
+                    yes(med(r) <= TARGETS["wake"]),
+                ]
+            )
+        for x in map(str, s["sizes"]):
             r = s["checkpoint"][x]["ratio_gone"]
             k = s["checkpoint"][x]
             rows.append(
@@ -409,6 +436,18 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                 yes(med(t["ratio"]) >= TARGETS["transfer"]),
             ]
         )
+        for name, sc in px["summary"]["scenarios"].items():
+            if "fast_pod_direct_rps" not in sc:
+                continue
+            r = sc["fast_path_ratio_rps"]
+            rows.append(
+                [
+                    f"fast path requests/s >= 0.97x direct ({name})",
+                    span(r, "x", 2),
+                    f"{med(sc['fast_path_rps']):.0f} vs {med(sc['fast_pod_direct_rps']):.0f} req/s",
+                    yes(med(r) >= TARGETS["fast_path_rps"]),
+                ]
+            )
     if dn:
         mem = dn["summary"]["memory"]
         top = max(int(k.split("/")[0]) for k in mem)
@@ -453,6 +492,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
 def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
     s, c = wc["summary"], wc["config"]
     sizes = [str(x) for x in s["sizes"]]
+    ahead = all("ahead" in s["wake"][x] for x in sizes)
     rows = []
     for x in sizes:
         w = s["wake"][x]
@@ -467,8 +507,29 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 span(w["cold"]),
                 span(w["ratio_raw"], "x", 2),
                 span(w["ratio_cold"], "x", 2),
+                *([span(w["ahead"]), span(w["ratio_raw_ahead"], "x", 2)] if ahead else []),
             ]
         )
+    spares = s.get("ahead_spares")
+    ahead_text = []
+    if ahead:
+        ahead_text = [
+            "`--criu-ahead`: a second `activator run` with that flag and its own pods of the "
+            "same sizes, cycled in the same repetitions: each pod keeps a `criu swrk` started "
+            "ahead of its next call (from its second call on), so the restore's RPC goes to a "
+            "CRIU that is already loaded."
+            + (
+                f" What it costs: an idle `criu swrk` per pod ({spares['count']} for "
+                f"{spares['pods']} scaled-down pods at the end of the run), "
+                f"{span(spares['uss_mib'], ' MiB', 2)} private (USS) each, "
+                f"{span(spares['pss_mib'], ' MiB', 2)} PSS, "
+                f"{span(spares['rss_mib'], ' MiB', 1)} RSS (mostly CRIU's shared libraries), "
+                "on the node, outside the activator's own memory."
+                if spares and spares.get("count")
+                else ""
+            ),
+            "",
+        ]
     out = [
         "## Wake",
         "",
@@ -491,10 +552,12 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 "cold start -> 1st byte",
                 "activator / raw",
                 "activator / cold",
+                *(["`--criu-ahead`: connect -> 1st byte", "`--criu-ahead` / raw"] if ahead else []),
             ],
             rows,
         ),
         "",
+        *ahead_text,
     ]
     lost = [x for x in sizes if not s["wake"][x].get("all_restored", True)]
     if lost:
@@ -515,6 +578,11 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 span(k["ratio_gone"], "x", 2),
                 span(k["ratio_checkpoint_ms"], "x", 2),
                 f"{med(k['activator_image_mib']):.1f} / {med(k['raw_image_mib']):.1f}",
+                *(
+                    [span(k["ahead_deadline_to_gone"]), span(k["ratio_gone_ahead"], "x", 2)]
+                    if ahead
+                    else []
+                ),
             ]
         )
     out += [
@@ -534,6 +602,7 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 "activator / raw (gone)",
                 "checkpoint_ms / raw exit",
                 "image MiB act / raw",
+                *(["`--criu-ahead`: deadline -> gone", "`--criu-ahead` / raw"] if ahead else []),
             ],
             rows,
         ),
@@ -621,27 +690,30 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
 
 def timeline_section(tl: dict[str, Any]) -> list[str]:
     s, c = tl["summary"], tl["config"]
-    has_cached = any(v.get("n") for v in s["cached"].values())
+    second = "ahead" if "ahead" in s else "cached"  # results from before --criu-ahead
+    has_second = any(v.get("n") for v in s.get(second, {}).values())
     present = tl["meta"].get("kdat_cache_during", tl["meta"].get("kdat_cache_present"))
     rows = []
     for key, text in s["steps"]:
         row = [text, span(s["plain"].get(key, {}))]
-        if has_cached:
-            row.append(span(s["cached"].get(key, {})))
+        if has_second:
+            row.append(span(s[second].get(key, {})))
         rows.append(row)
-    headers = ["step", "as is" if has_cached else "ms"]
-    if has_cached:
-        headers.append("kdat cache present")
+    headers = ["step", "default" if has_second else "ms"]
+    if has_second:
+        headers.append("`--criu-ahead`" if second == "ahead" else "kdat cache present")
     return [
         "## Where the activator's wake time goes",
         "",
         f"Diagnostic (`bench.wake_timeline`): the activator in the bench's process with its "
         f"internals wrapped to note when each step is reached; {c['hold_mib']} MiB app, "
         f"{c['cycles']} wakes each; ms after the client's connect, median [p10-p90]. "
+        f"CRIU's kernel-feature cache was {'present' if present else 'absent'}. "
         + (
-            ""
-            if has_cached
-            else f"CRIU's kernel-feature cache was {'present' if present else 'absent'}. "
+            "With `--criu-ahead` the pod's `criu swrk` was started while it was scaled down, "
+            "so its start steps are not on the wake's path (-). "
+            if has_second and second == "ahead"
+            else ""
         )
         + "The client thread shares the activator's process (and GIL) here, so the total "
         "runs a few ms above the wake bench's.",
@@ -670,6 +742,24 @@ def proxy_section(px: dict[str, Any], img: dict[str, str]) -> list[str]:
             ]
         )
     t = s["transfer"]
+    fast = all("fast_pod_direct_rps" in e for e in s["scenarios"].values())
+    fast_rows = [
+        [
+            name,
+            span(e["fast_pod_direct_rps"], "", 0),
+            span(e["fast_path_rps"], "", 0),
+            span(e["fast_path_ratio_rps"], "x", 2),
+            span(e["fast_path_ratio_rps_vs_first_pod"], "x", 2),
+            span(e["fast_pod_direct_p50_us"], "", 0),
+            span(e["fast_path_p50_us"], "", 0),
+            span(e["fast_path_added_p50_us"], "", 0),
+            span(e["fast_pod_direct_p99_us"], "", 0),
+            span(e["fast_path_p99_us"], "", 0),
+            span(e["fast_path_cpu_us_per_req"], "", 2),
+        ]
+        for name, e in s["scenarios"].items()
+        if fast
+    ]
     out = [
         "## Proxy overhead while running",
         "",
@@ -701,6 +791,46 @@ def proxy_section(px: dict[str, Any], img: dict[str, str]) -> list[str]:
         f"{span(t['activator_cpu_ms'], ' ms', 0)} of CPU per transfer.",
         "",
     ]
+    if fast:
+        out += [
+            "**The fast path** (`activator run --fast-path`): while the app runs, the pod's nft "
+            "table stops redirecting new connections to the activator, except those from the "
+            "probe sources; every other new connection goes straight to the app, and the "
+            "activator only counts them (an nft counter, read a few times per scale-down "
+            "period) and looks at the pod's TCP table when the idle time is up. Measured on "
+            "a second nginx pod, identical, whose activator runs with `--fast-path`, on its "
+            "port 8080 (the declared one), against the same nginx on its port 8081 (not "
+            "declared: direct), in the same repetitions as the two paths above (the four "
+            "kinds interleaved); the client's pod is no probe source. The bench waits "
+            "until the pod's nft table holds the fast path's counter rule (it was there "
+            f"{c.get('fast_path_open_after_s', 0) * 1000:.0f} ms after the first request) and "
+            "checks it is still there before each repetition and at the end. Ratios against "
+            "the direct path of the same repetition, to the same pod (and, for comparison, "
+            "to the first pod's direct path of the table above).",
+            "",
+            table(
+                [
+                    "shape",
+                    "direct req/s (same pod)",
+                    "fast path req/s",
+                    "ratio",
+                    "ratio to the first pod's direct",
+                    "p50 direct us",
+                    "p50 fast path us",
+                    "added p50 us",
+                    "p99 direct us",
+                    "p99 fast path us",
+                    "its activator's CPU us/request",
+                ],
+                fast_rows,
+            ),
+            "",
+            f"{t['mib']} MiB GET on the fast path: {span(t['fast_path_mib_s'], ' MiB/s', 0)}, "
+            f"direct to the same pod {span(t['fast_pod_direct_mib_s'], ' MiB/s', 0)}, "
+            f"ratio {span(t['fast_path_ratio'], 'x', 2)}; its activator spent "
+            f"{span(t['fast_path_cpu_ms'], ' ms', 0)} of CPU per transfer.",
+            "",
+        ]
     direct = px.get("samples", {}).get("wrk", {}).get("keepalive-1/direct", {}).get("p50", [])
     if direct and min(direct) > 0 and max(direct) / min(direct) > 3:
         out += [
@@ -792,11 +922,30 @@ def findings(
         cached = bool(wc["meta"].get("kdat_cache_during", wc["meta"].get("kdat_cache_present")))
         w = s["wake"][small]
         k = s["checkpoint"][small]
-        ratios = {x: med(s["wake"][x]["ratio_raw"]) for x in map(str, s["sizes"])}
-        listed = ", ".join(f"{x} MiB {r:.2f}x" for x, r in ratios.items())
+        sizes = list(map(str, s["sizes"]))
+
+        def reached(key: str, target: float, table: str = "wake") -> str:
+            got = {x: med(s[table][x][key]) for x in sizes if key in s[table][x]}
+            listed = ", ".join(f"{x} MiB {r:.2f}x" for x, r in got.items())
+            met = [x for x, r in got.items() if r <= target]
+            verdict = (
+                "reached at every size"
+                if len(met) == len(got)
+                else "not reached"
+                + (f" (reached at {', '.join(m + ' MiB' for m in met)} only)" if met else "")
+            )
+            return f"{listed}: {verdict}"
+
+        ahead = all("ratio_raw_ahead" in s["wake"][x] for x in sizes)
+        spares = s.get("ahead_spares") or {}
         out += [
-            f"- **Wake** (activator/raw {listed}): the activator restores with the same CRIU "
-            "as the CLI. "
+            f"- **Wake** (activator/raw {reached('ratio_raw', TARGETS['wake'])}"
+            + (
+                f"; with `--criu-ahead` {reached('ratio_raw_ahead', TARGETS['wake'])}"
+                if ahead
+                else ""
+            )
+            + "). The activator restores with the same CRIU as the CLI. "
             + (
                 f"CRIU's kernel-feature probe was cached (/run/criu.kdat present): "
                 f"{med(an['restore_probe_ms']):.0f} ms before a restore's work starts. "
@@ -806,20 +955,33 @@ def findings(
                 f"restore at {small} MiB: /run is not a tmpfs, \"Can't keep kdat cache on "
                 'non-tempfs"). '
             )
-            + "Beyond CRIU the activator adds a chain of hand-offs, each waking a sleeping "
-            "thread or process (costly on this VM): accept on the loop, a worker thread for "
-            "CRIU, `criu swrk` started from Python, the RPC, back to the loop, an upstream "
-            "socket made in the pod's netns, the connect. The raw figure includes up to 1 ms of "
-            "polling, the activator's none.",
+            + "Around CRIU's work the activator adds a chain of hand-offs, each waking a "
+            "sleeping thread or process (costly on this VM): the connection is accepted on the "
+            "event loop and held; a worker thread starts `criu swrk` (fork and exec straight "
+            "through CRIU's loader, no shell), sends the restore request on its socket with the "
+            "activator's own RPC code (pycriu's message definitions only) and returns with "
+            "CRIU's answer, without waiting for the swrk to end (it ends when its socket "
+            "closes and is reaped at the next start); back on the loop, an upstream socket "
+            "made in the pod's netns, the connect, the request. The image is renamed at once "
+            "and deleted half a second later, off the forward's path. The raw figure includes "
+            "up to 1 ms of polling, the activator's none. `--criu-ahead` moves the swrk's "
+            "start (fork, exec, loading CRIU) to while the pod is scaled down, at the price of "
+            "an idle `criu swrk` per pod"
+            + (
+                f" ({med(spares.get('uss_mib')):.1f} MiB private each here)"
+                if spares.get("count")
+                else ""
+            )
+            + "; it is off by default.",
         ]
         if tl:
             summary = tl["summary"]
-            with_cache = bool(summary["cached"].get("rpc_done", {}).get("n"))
-            steps = summary["cached"] if with_cache else summary["plain"]
+            steps = summary["plain"]
             at = {key: med(v) for key, v in steps.items()}
+            ahead_steps = {key: med(v) for key, v in summary.get("ahead", {}).items()}
 
-            def between(a: str, b: str) -> float:
-                return at.get(b, math.nan) - at.get(a, math.nan)
+            def between(a: str, b: str, marks: dict[str, float] = at) -> float:
+                return marks.get(b, math.nan) - marks.get(a, math.nan)
 
             parts = [
                 ("connect -> the lifecycle hears of it", at.get("connection_opened", math.nan)),
@@ -827,9 +989,14 @@ def findings(
                     "-> CRIU called (task, worker thread)",
                     between("connection_opened", "restore_call"),
                 ),
-                ("starting `criu swrk`", between("swrk_spawn", "swrk_ready")),
-                ("CRIU's restore (RPC)", between("swrk_ready", "rpc_done")),
-                ("swrk exit, back on the loop", between("rpc_done", "restore_done")),
+                ("-> `criu swrk` being started", between("restore_call", "swrk_spawn")),
+                ("its fork and exec", between("swrk_spawn", "swrk_ready")),
+                ("-> request sent", between("swrk_ready", "rpc_sent")),
+                (
+                    "CRIU's restore (RPC, including CRIU's start-up)",
+                    between("rpc_sent", "rpc_done"),
+                ),
+                ("back on the loop", between("rpc_done", "restore_done")),
                 ("the forward's task starts", between("restore_done", "forward_start")),
                 (
                     "forward (netns socket, connect, request)",
@@ -838,21 +1005,30 @@ def findings(
                 ("the app answers, relayed", between("forward_done", "client_first_byte")),
             ]
             listed = "; ".join(f"{text} {ms:.1f} ms" for text, ms in parts if ms == ms)
-            out += [
+            text = (
                 f"  The timeline diagnostic (medians, {tl['config']['hold_mib']} MiB, "
                 + (
                     "kdat cache present"
-                    if with_cache
-                    or tl["meta"].get("kdat_cache_during", tl["meta"].get("kdat_cache_present"))
+                    if tl["meta"].get("kdat_cache_during", tl["meta"].get("kdat_cache_present"))
                     else "no kdat cache"
                 )
-                + ") "
-                f"splits a wake into: {listed}. The forward races the image's `rmtree`, "
-                "started in a worker thread at the same moment, for the GIL (Python switches "
-                "threads every 5 ms). Changes: keep a `criu swrk` started ahead while a pod is "
-                "scaled down; delete the image after the first byte is relayed (or from a "
-                "process, not a thread); make the upstream socket before the restore.",
-            ]
+                + f", default options) splits a wake into: {listed}."
+            )
+            rpc_ahead = between("rpc_sent", "rpc_done", ahead_steps)
+            if rpc_ahead == rpc_ahead:
+                text += (
+                    f" With `--criu-ahead` the RPC takes {rpc_ahead:.1f} ms (the swrk is "
+                    f"loaded already) and the client has its first byte after "
+                    f"{ahead_steps.get('client_first_byte', math.nan):.1f} ms "
+                    f"({at.get('client_first_byte', math.nan):.1f} by default)."
+                )
+            text += (
+                " What is left beyond CRIU's own work is thread and process wake-ups: "
+                "changes that would shorten it are making the upstream socket before the "
+                "restore returns, and running the restore's RPC from the event loop (the "
+                "socket is a plain SEQPACKET socket) instead of a worker thread."
+            )
+            out += [text]
         whatif = s.get("whatif_kdat", {}).get(small)
         if whatif:
             out += [
@@ -867,26 +1043,33 @@ def findings(
                 "namespace with a tmpfs /run, copied to /run/criu.kdat; remade when the boot id "
                 "or the CRIU version changes).",
             ]
-        worst = max(map(str, s["sizes"]), key=lambda x: med(s["checkpoint"][x]["ratio_gone"]))
+        worst = max(sizes, key=lambda x: med(s["checkpoint"][x]["ratio_gone"]))
         kw = s["checkpoint"][worst]
-        ratios = ", ".join(
-            f"{x} MiB {med(s['checkpoint'][x]['ratio_gone']):.2f}x" for x in map(str, s["sizes"])
-        )
+        ahead_ckpt = all("ratio_gone_ahead" in s["checkpoint"][x] for x in sizes)
         out += [
-            f"- **Checkpoint** (activator/raw {ratios}): the dump is the same CRIU call. Around "
-            f"it, at {worst} MiB: the idle timer fires "
+            "- **Checkpoint** (activator/raw "
+            f"{reached('ratio_gone', TARGETS['checkpoint'], 'checkpoint')}"
+            + (
+                "; with `--criu-ahead` "
+                f"{reached('ratio_gone_ahead', TARGETS['checkpoint'], 'checkpoint')}"
+                if ahead_ckpt
+                else ""
+            )
+            + f"): the dump is the same CRIU call. Around it, at {worst} MiB: the idle timer "
+            "fires "
             f"{med(kw['activator_deadline_to_gone']) - med(kw['activator_timer_to_gone']):.1f} ms "
-            "after the deadline the client's close set (an instrumented run: the close is "
-            "noticed within 0.5 ms, the loop's timer then fires 2-5 ms late on this VM), the "
-            "checkpoint starts "
+            "after the deadline the client's close set (the loop's timer fires a few ms late "
+            "on this VM), the checkpoint starts "
             f"{med(kw['activator_timer_to_gone']) - med(kw['activator_checkpoint_ms']):.1f} ms "
             "after that (event report, task), and its checkpoint_ms is "
             f"{med(kw['activator_checkpoint_ms']) - med(kw['raw_wall']):+.1f} ms off the CLI's "
-            "run, which it adds to CRIU: a preflight scan of the app's /proc and `criu swrk` "
-            "started from Python, "
-            "each in a worker thread, plus the RPC. Changes: start `criu swrk` ahead (when the "
-            "idle timer is armed) and run the preflight then, so that only the RPC is left on "
-            f"the path. CRIU's start-up before the dump's work: {med(an['dump_probe_ms']):.0f} ms "
+            "run. In a worker thread it runs a preflight scan of the app's /proc, starts "
+            "`criu swrk` (unless `--criu-ahead` started it after the last wake), sends the dump "
+            "request with its own RPC code and returns with CRIU's answer, the swrk reaped "
+            "later; the app's exit is then reaped on the loop. Changes: run the preflight "
+            "when the idle timer is armed rather than when it fires, so that only the RPC is "
+            f"left on the path. CRIU's start-up before the dump's work: "
+            f"{med(an['dump_probe_ms']):.0f} ms "
             + ("(kdat cached)." if cached else "(its probe; see the kdat cache above)."),
         ]
     if px:
@@ -906,8 +1089,16 @@ def findings(
             "nginx and the client. Small requests stay in the event loop, faster there "
             f"({med(ka1['activator_cpu_us_per_req']):.0f} us of CPU per small request). "
             "Changes that would close it: keep the activator out of the path of a running "
-            "pod's connections (the direct fast path), or relay in the kernel (sockmap, which "
-            "needs the eBPF the design avoids).",
+            "pod's connections, or relay in the kernel (sockmap, which needs the eBPF the "
+            "design avoids)."
+            + (
+                " The first exists, per pod: on the fast path (`--fast-path`) a "
+                f"{t['mib']} MiB transfer ran at {med(t['fast_path_ratio']):.2f}x direct and "
+                f"new connections at {med(close['fast_path_ratio_rps']):.2f}x the requests/s "
+                "of direct."
+                if "fast_path_ratio" in t and "fast_path_ratio_rps" in close
+                else ""
+            ),
             f"- **Proxy, new connections** (`close-1`: {med(close['ratio_rps']):.2f}x the "
             f"requests/s of direct, +{med(close['added_p50_us']):.0f} us p50, "
             f"{med(close['activator_cpu_us_per_req']):.0f} us of activator CPU per "

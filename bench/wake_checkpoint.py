@@ -18,6 +18,9 @@ is, in rotating order:
   (and criu's exit).
 - cold start: spawn the app in a pod (the activator's own spawn path), poll
   as above: start -> first byte.
+- the activator with `--criu-ahead` (a second `activator run`, its own pods of
+  the same sizes), cycled as the first: each pod keeps a `criu swrk` started
+  ahead of its next call. The idle spares' memory is read once at the end.
 
 Then, as diagnostics: the same activator/raw cycles with a CRIU kernel-feature
 cache present (what /run on tmpfs would give), and raw cycles with -v4 logs
@@ -26,6 +29,7 @@ whose timestamps split CRIU's time into start-up + probe, work and exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -180,12 +184,34 @@ def anatomy(raw_log: Path, dump_log: Path) -> dict[str, float]:
     }
 
 
+def spare_memory(act: Activator) -> dict[str, list[float]]:
+    """Memory of the idle `criu swrk`s the --criu-ahead activator keeps (its pods
+    scaled down: each spare waits for a restore), MiB each."""
+    import psutil
+
+    time.sleep(0.5)  # a spare starts SPARE_AFTER after its pod's call
+    found: dict[str, list[float]] = {"uss_mib": [], "pss_mib": [], "rss_mib": []}
+    for child in psutil.Process(act.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "swrk" not in child.cmdline():
+                continue
+            info = child.memory_full_info()
+            found["uss_mib"].append(info.uss / 1048576)
+            found["pss_mib"].append(info.pss / 1048576)
+            found["rss_mib"].append(info.rss / 1048576)
+    log(f"--criu-ahead: {len(found['uss_mib'])} idle criu swrk, USS {found['uss_mib']} MiB")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="MiB the app holds")
     parser.add_argument("--reps", type=int, default=None, help="measured repetitions per size")
     parser.add_argument("--idle", type=float, default=0.5, help="scale-down after (seconds)")
     parser.add_argument("--no-whatif", action="store_true", help="skip the kdat-cache cycles")
+    parser.add_argument(
+        "--no-ahead", action="store_true", help="skip the activator with --criu-ahead"
+    )
     args = parser.parse_args(argv)
     sizes = tuple(args.sizes or ((16, 128) if args.quick else SIZES))
     reps = args.reps or (3 if args.quick else 15)
@@ -196,25 +222,36 @@ def main(argv: list[str] | None = None) -> int:
 
     with Bench("wake_checkpoint", args) as b:
         client = b.client_netns()
-        specs = {
-            s: PodSpec(b.pod_name(f"a{s}"), sample_app(s), scaledown_after=f"{idle_ms}ms")
-            for s in sizes
-        }
-        log(f"activator with pods {', '.join(p.name for p in specs.values())}")
-        act = b.activator(specs[sizes[0]])
-        for s in sizes[1:]:
-            act.add(specs[s])
+        managed = ("activator",) if args.no_ahead else ("activator", "ahead")
+        acts: dict[str, Activator] = {}
+        specs: dict[tuple[str, int], PodSpec] = {}
+        boots: dict[tuple[str, int], str] = {}
+        address: dict[tuple[str, int], str] = {}
+        for kind in managed:
+            letter = "a" if kind == "activator" else "h"
+            for s in sizes:
+                specs[(kind, s)] = PodSpec(
+                    b.pod_name(f"{letter}{s}"), sample_app(s), scaledown_after=f"{idle_ms}ms"
+                )
+            names = ", ".join(specs[(kind, s)].name for s in sizes)
+            log(f"{kind}: activator with pods {names}")
+            acts[kind] = act = b.activator(
+                specs[(kind, sizes[0])],
+                tag="activator" if kind == "activator" else "activator-criu-ahead",
+                criu_ahead=kind == "ahead",
+            )
+            for s in sizes[1:]:
+                act.add(specs[(kind, s)])
+            for s in sizes:
+                name = specs[(kind, s)].name
+                since = act.events.mark()
+                address[(kind, s)] = act.pod(name)["address"]
+                client.fill()
+                reply = http_get(client, address[(kind, s)], APP_PORT, "/state", timeout=120)
+                boots[(kind, s)] = boot_id(reply.body)
+                act.events.wait(since, name, "scaled-down", timeout=120)
         # The activator may make CRIU's kernel-feature cache at start-up.
         b.meta["kdat_cache_during"] = KDAT_CACHE.exists()
-        boots: dict[int, str] = {}
-        address: dict[int, str] = {}
-        for s in sizes:
-            since = act.events.mark()
-            address[s] = act.pod(specs[s].name)["address"]
-            client.fill()
-            reply = http_get(client, address[s], APP_PORT, "/state", timeout=120)
-            boots[s] = boot_id(reply.body)
-            act.events.wait(since, specs[s].name, "scaled-down", timeout=120)
 
         log("raw pods: start the apps, first dumps")
         raws: dict[int, RawState] = {}
@@ -233,11 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             raws[s] = raw
             colds[s] = b.raw_pod(f"c{s}")
 
-        kinds = ("activator", "raw", "cold")
+        kinds = (*managed, "raw", "cold")
 
         def one(kind: str, s: int) -> dict[str, Any]:
-            if kind == "activator":
-                return act_cycle(act, client, specs[s].name, address[s], boots[s], args.idle)
+            if kind in acts:
+                key = (kind, s)
+                return act_cycle(
+                    acts[kind], client, specs[key].name, address[key], boots[key], args.idle
+                )
             if kind == "raw":
                 return raw_cycle(client, raws[s], args.idle)
             return cold_cycle(client, colds[s], s)
@@ -251,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(reps):
             b.settle(f"rep {rep + 1}")
             for s in sizes:
-                order = kinds[rep % 3 :] + kinds[: rep % 3]
+                order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
                 for kind in order:
                     series[(kind, s)].add(**one(kind, s))
             a16 = series[("activator", sizes[0])]["wake_ms"][-1]
@@ -290,14 +330,27 @@ def main(argv: list[str] | None = None) -> int:
                     **anatomy(Path(cycle["restore_log"]), Path(cycle["dump_log"])),
                 )
 
-        act.stop()
+        spares = spare_memory(acts["ahead"]) if "ahead" in acts else {}
+        for act in acts.values():
+            act.stop()
         samples: dict[str, Any] = {}
         summary: dict[str, Any] = {"sizes": list(sizes), "wake": {}, "checkpoint": {}}
+        if spares:
+            samples["ahead_spares"] = spares
+            summary["ahead_spares"] = {
+                "count": len(spares["uss_mib"]),
+                "pods": len(sizes),
+                **{key: summarize(values) for key, values in spares.items()},
+            }
         wake_rows, ckpt_rows, anat_rows = [], [], []
         for s in sizes:
             a, r, c = series[("activator", s)], series[("raw", s)], series[("cold", s)]
+            h = series.get(("ahead", s), Series())
             samples[f"{s}"] = {"activator": a.data, "raw": r.data, "cold": c.data}
-            lost = [k for k, ser in (("activator", a), ("raw", r)) if not all(ser["restored"])]
+            if "ahead" in acts:
+                samples[f"{s}"]["ahead"] = h.data
+            restoring = (("activator", a), ("ahead", h), ("raw", r))
+            lost = [k for k, ser in restoring if not all(ser["restored"])]
             if lost:
                 log(f"WARNING {s} MiB: some {lost} wakes were not restores (new boot id)")
             w = {
@@ -311,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_cold": summarize(paired(a["wake_ms"], c["wake_ms"], "ratio")),
                 "all_restored": not lost,
             }
+            if "ahead" in acts:
+                w["ahead"] = summarize(h["wake_ms"])
+                w["ahead_accept_to_first_byte"] = summarize(h["wake_activator_ms"])
+                w["ahead_restore_ms"] = summarize(h["restore_ms"])
+                w["ratio_raw_ahead"] = summarize(paired(h["wake_ms"], r["wake_ms"], "ratio"))
             k = {
                 "activator_deadline_to_gone": summarize(a["deadline_to_gone_ms"]),
                 "activator_timer_to_gone": summarize(a["timer_to_gone_ms"]),
@@ -326,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                 "activator_image_mib": summarize([v / 1048576 for v in a["image_bytes"]]),
                 "raw_image_mib": summarize([v / 1048576 for v in r["image_bytes"]]),
             }
+            if "ahead" in acts:
+                k["ahead_deadline_to_gone"] = summarize(h["deadline_to_gone_ms"])
+                k["ahead_checkpoint_ms"] = summarize(h["checkpoint_ms"])
+                k["ratio_gone_ahead"] = summarize(
+                    paired(h["deadline_to_gone_ms"], r["dump_gone_ms"], "ratio")
+                )
             summary["wake"][str(s)] = w
             summary["checkpoint"][str(s)] = k
             wake_rows.append(
@@ -337,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     fmt(w["cold"]),
                     fmt(w["ratio_raw"], "x", 2),
                     fmt(w["ratio_cold"], "x", 2),
+                    fmt(w.get("ahead", {})),
+                    fmt(w.get("ratio_raw_ahead", {}), "x", 2),
                 ]
             )
             ckpt_rows.append(
@@ -347,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                     fmt(k["raw_gone"]),
                     fmt(k["raw_wall"]),
                     fmt(k["ratio_gone"], "x", 2),
+                    fmt(k.get("ahead_deadline_to_gone", {})),
+                    fmt(k.get("ratio_gone_ahead", {}), "x", 2),
                     f"{k['activator_image_mib'].get('median', 0):.1f} / "
                     f"{k['raw_image_mib'].get('median', 0):.1f}",
                 ]
@@ -368,14 +436,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         print_table(
             f"Wake: connect -> first response byte, ms, median [p10-p90], {reps} reps",
-            ["app", "activator", "(accept->1st)", "raw restore", "cold start", "/raw", "/cold"],
+            ["app", "activator", "(accept->1st)", "raw restore", "cold start", "/raw", "/cold",
+             "ahead", "ahead/raw"],
             wake_rows,
-        )
+        )  # fmt: skip
         print_table(
             "Checkpoint: ms, median [p10-p90]; activator: idle deadline -> process gone",
-            ["app", "activator", "(ckpt_ms)", "raw gone", "raw exit", "/raw", "image MiB a/r"],
+            ["app", "activator", "(ckpt_ms)", "raw gone", "raw exit", "/raw", "ahead", "ahead/raw",
+             "image MiB a/r"],
             ckpt_rows,
-        )
+        )  # fmt: skip
         print_table(
             "CRIU CLI anatomy (-v4 log): wall, before the work (exec+probe), work; ms",
             ["app", "rst wall", "rst probe", "rst work", "dump wall", "dump probe", "dump work"],
@@ -420,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "whatif_reps": whatif_reps if kdat_used else 0,
             "whatif_sizes": list(whatif_sizes),
             "anatomy_reps": anatomy_reps,
+            "criu_ahead": "ahead" in acts,
         }
         b.result(config, samples, summary)
     return 0

@@ -2,10 +2,12 @@
 
 Runs the activator in this process (activator.runtime.local_agent, uvloop) with
 a few of its internals wrapped to note the time they are reached (CRIU's restore
-call, `criu swrk` start, the RPC, the forward to the app, the app's first
-byte). A client thread in another pod connects to the scaled-down pod and
-sends a request; every mark is reported in ms after the client's connect.
-With and without a CRIU kernel-feature cache (see wake_checkpoint).
+call, `criu swrk` started, the restore request sent on its socket and
+answered, the forward to the app, the app's first byte). A client thread in
+another pod connects to the scaled-down pod and sends a request; every mark is
+reported in ms after the client's connect. As `activator run` does by default,
+then as with `--criu-ahead` (the pod's `criu swrk` started ahead, while it is
+scaled down: its start marks are not reached during the wake).
 
 The client shares this process (its thread sleeps in recv while the activator
 works). The wrapped names are internals: when the product changes them, the
@@ -32,7 +34,6 @@ from bench.common import (
     base_parser,
     http_get,
     in_own_directory,
-    kdat_cache,
     log,
     print_table,
     sample_app,
@@ -42,10 +43,10 @@ from bench.common import (
 STEPS = (
     ("connection_opened", "the lifecycle hears of the connection"),
     ("restore_call", "CRIU restore called (worker thread)"),
-    ("swrk_spawn", "`criu swrk` being started"),
-    ("swrk_ready", "`criu swrk` started"),
-    ("rpc_done", "restore RPC answered"),
-    ("swrk_exited", "`criu swrk` exited"),
+    ("swrk_spawn", "`criu swrk` being started (fork, exec)"),
+    ("swrk_ready", "`criu swrk` started (its pid known)"),
+    ("rpc_sent", "restore request sent on its socket"),
+    ("rpc_done", "restore answered, its socket closed (swrk reaped later)"),
     ("restore_done", "RestoreDone fed to the lifecycle"),
     ("forward_start", "forward to the app begins"),
     ("forward_done", "connected to the app, request passed on"),
@@ -91,11 +92,20 @@ def instrument(marks: Marks) -> Callable[[], None]:
         @contextlib.contextmanager
         def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
             marks.mark("swrk_spawn")
-            with original(*args, **kwargs) as sock:
+            with original(*args, **kwargs) as started:
                 marks.mark("swrk_ready")
-                yield sock
-                marks.mark("rpc_done")
-            marks.mark("swrk_exited")
+                yield started
+
+        return wrapper
+
+    def call(original: Any) -> Any:
+        # Criu._call sends the request, reads the answer and closes the socket
+        # (the swrk then ends by itself; it is reaped at the next start).
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            marks.mark("rpc_sent")
+            result = original(self, *args, **kwargs)
+            marks.mark("rpc_done")
+            return result
 
         return wrapper
 
@@ -127,7 +137,8 @@ def instrument(marks: Marks) -> Callable[[], None]:
         return wrapper
 
     wrap(criu_mod.Criu, "restore", restore)
-    wrap(criu_mod, "_swrk", swrk)
+    wrap(criu_mod, "_swrk", swrk)  # LocalLauncher.swrk looks it up at each call
+    wrap(criu_mod.Criu, "_call", call)
     wrap(proxy.ClientConnection, "forward", forward)
     wrap(proxy._Upstream, "data_received", data_received)
     wrap(pod_mod.PodDriver, "feed", feed)
@@ -140,15 +151,17 @@ def instrument(marks: Marks) -> Callable[[], None]:
 
 
 async def cycles(
-    b: Bench, client: ClientNetns, marks: Marks, count: int, hold: int, into: Series
+    b: Bench, client: ClientNetns, marks: Marks, count: int, hold: int, ahead: bool, into: Series
 ) -> None:
     from activator.config import PodConfig
+    from activator.criu import CriuOptions
     from activator.lifecycle import Phase
     from activator.runtime import local_agent
 
-    root = b.workdir / f"inproc-{len(into.data.get('client_first_byte', []))}"
-    agent = local_agent(root / "state", events=None)
-    name = b.pod_name(f"tl{len(into['client_first_byte'])}")
+    tag = "ahead" if ahead else "default"
+    root = b.workdir / f"inproc-{tag}"
+    agent = local_agent(root / "state", events=None, criu_options=CriuOptions(start_ahead=ahead))
+    name = b.pod_name(f"tl{tag[0]}")
     command = in_own_directory(root / "cwd", sample_app(hold))
     pod = await agent.add(PodConfig(name=name, ports=(APP_PORT,), command=command))
     try:
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=None)
     parser.add_argument("--hold-mib", type=int, default=16)
+    parser.add_argument("--no-ahead", action="store_true", help="skip the --criu-ahead wakes")
     args = parser.parse_args(argv)
     count = args.cycles or (3 if args.quick else 10)
     import uvloop
@@ -212,37 +226,37 @@ def main(argv: list[str] | None = None) -> int:
         marks = Marks()
         unwrap = instrument(marks)
         b.defer(unwrap)
-        plain, cached = Series(), Series()
-        b.meta["kdat_cache_during"] = KDAT_CACHE.exists()
+        plain, ahead = Series(), Series()
         b.settle("timeline")
-        uvloop.run(cycles(b, client, marks, count, args.hold_mib, plain))
-        with kdat_cache() as installed:
-            if installed:
-                b.settle("timeline, kdat cached")
-                uvloop.run(cycles(b, client, marks, count, args.hold_mib, cached))
+        uvloop.run(cycles(b, client, marks, count, args.hold_mib, False, plain))
+        # local_agent made CRIU's kernel-feature cache if /run is not a tmpfs.
+        b.meta["kdat_cache_during"] = KDAT_CACHE.exists()
+        if not args.no_ahead:
+            b.settle("timeline, --criu-ahead")
+            uvloop.run(cycles(b, client, marks, count, args.hold_mib, True, ahead))
         b.check_quiet("timeline (end)")
-        summary: dict[str, Any] = {"steps": [list(s) for s in STEPS], "plain": {}, "cached": {}}
+        summary: dict[str, Any] = {"steps": [list(s) for s in STEPS], "plain": {}, "ahead": {}}
         rows = []
         for key, text in STEPS:
             summary["plain"][key] = summarize(plain[key])
-            summary["cached"][key] = summarize(cached[key])
-            p, c = summary["plain"][key], summary["cached"][key]
+            summary["ahead"][key] = summarize(ahead[key])
+            p, h = summary["plain"][key], summary["ahead"][key]
             rows.append(
                 [
                     text,
                     f"{p['median']:.1f}" if p.get("n") else "-",
-                    f"{c['median']:.1f}" if c.get("n") else "-",
+                    f"{h['median']:.1f}" if h.get("n") else "-",
                 ]
             )
         print_table(
             f"Activator wake timeline, {args.hold_mib} MiB app, ms after the client's connect "
             f"(median of {count})",
-            ["step", "as is", "kdat cached"],
+            ["step", "default", "--criu-ahead"],
             rows,
         )
         b.result(
             {"cycles": count, "hold_mib": args.hold_mib},
-            {"plain": plain.data, "cached": cached.data},
+            {"plain": plain.data, "ahead": ahead.data},
             summary,
         )
     return 0
