@@ -46,6 +46,8 @@ LOG_TAIL_LINES = 8
 # How long after a call its pod's next `criu swrk` is started: after the woken
 # app's first answer, well before a scale-down (at least half a second later).
 SPARE_AFTER = 0.05
+# How long a `criu swrk` whose socket was closed may take to end, at a pod's removal.
+SWRK_END_WAIT = 5.0
 # CRIU's largest RPC message (CR_MAX_MSG_SIZE).
 MAX_MESSAGE = 1024
 OUTPUT_PIPES = "output-pipes.json"
@@ -130,6 +132,10 @@ class Launcher(Protocol):
         """A process whose user and capabilities CRIU will have (for pre-flight)."""
         ...
 
+    def reap(self, wait: bool = False) -> None:
+        """Reap the `criu swrk`s that ended (`wait`: for those still ending)."""
+        ...
+
 
 class LocalLauncher:
     """CRIU as our child, in our namespaces."""
@@ -152,9 +158,14 @@ class LocalLauncher:
                 self._command = [str(self.binary)]
         return _swrk(self._command, pass_fds, self._ended)
 
-    def reap(self) -> None:
+    def reap(self, wait: bool = False) -> None:
         with self._lock:
-            self._ending = [swrk for swrk in self._ending if swrk.poll() is None]
+            ending, self._ending = self._ending, []
+        for swrk in ending:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                swrk.wait(SWRK_END_WAIT if wait else 0)
+        with self._lock:
+            self._ending += [swrk for swrk in ending if swrk.returncode is None]
 
     def _ended(self, swrk: subprocess.Popen[bytes]) -> None:
         with self._lock:
@@ -262,8 +273,10 @@ class Criu:
         return criu
 
     def close(self) -> None:
+        """End the spare, if any, and reap what has ended: no zombie outlives a pod."""
         if self._spare is not None:
             self._spare.close()
+        self.launcher.reap(wait=True)
 
     @contextmanager
     def _dump_lock(self, pid: int) -> Iterator[None]:

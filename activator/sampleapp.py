@@ -3,6 +3,7 @@
     GET /            "hello from the sample app: hit N"
     GET /state       {"hits": N, "boot_id": "...", "values": {...}, "pid": P}
     GET /slow/MS     answers after MS milliseconds (a request in flight)
+    GET /bulk/MIB    MIB MiB of BULK_PATTERN (a large transfer)
     PUT /values/KEY  stores the request body under KEY
 
 `boot_id` is drawn at start: the same value after a wake proves the memory came
@@ -20,6 +21,9 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# What /bulk/ repeats: 1 MiB that a client can check piece by piece.
+BULK_PATTERN = bytes(range(256)) * 4096
 
 
 class State:
@@ -41,6 +45,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/slow/") and self.path[6:].isdecimal():
             time.sleep(int(self.path[6:]) / 1000)
             self._send(200, "slow answer\n", "text/plain")
+            return
+        if self.path.startswith("/bulk/") and self.path[6:].isdecimal():
+            mib = int(self.path[6:])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(mib * len(BULK_PATTERN)))
+            self.end_headers()
+            for _ in range(mib):
+                self.wfile.write(BULK_PATTERN)
             return
         with self.state.lock:
             self.state.hits += 1

@@ -94,6 +94,9 @@ class HolderLauncher:
         finally:
             ours.close()  # criu swrk ends when its socket closes; the holder reaps it
 
+    def reap(self, wait: bool = False) -> None:
+        pass  # CRIU is the holder's child: the holder reaps it
+
     def swrk(self, pass_fds: tuple[int, ...]) -> AbstractContextManager[tuple[socket.socket, int]]:
         return self._swrk(pass_fds)
 

@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 import pytest
 
+from activator.sampleapp import BULK_PATTERN
 from netns.bridge import DEFAULT_BRIDGE
 from netns.namespace import NetnsThread
 from netns.pod import host_ifname
@@ -432,7 +433,8 @@ class Activator:
         # The pauses first: the kernel ends the rest of each pod with them.
         for proc in sorted(tracked, key=lambda p: nspid(p.pid)[1:] != [1]):
             if proc.alive():
-                problems.append(f"process {proc.pid} survived the activator")
+                command = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                problems.append(f"process {proc.pid} survived the activator: {command!r}")
                 proc.kill()
         for pod in self.pods:
             if f"pa-{pod}" in netns_names():
@@ -471,6 +473,7 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
         adopting: bool = False,
         image_key: Path | None = None,
         flags: Sequence[str] = (),
+        log_level: str = "info",
     ) -> Activator:
         name = name or unique_name()
         workdir = tmp_path / f"{name}-{len(started)}"
@@ -486,6 +489,8 @@ def activator(tmp_path: Path) -> Iterator[StartActivator]:
             proc = subprocess.Popen(
                 [
                     ACTIVATOR,
+                    "--log-level",
+                    log_level,
                     "run",
                     "--name",
                     name,
@@ -1255,6 +1260,26 @@ def test_soak_state_kept_and_no_growth_in_activator_memory_or_fds(
     rss, fds = me.memory_info().rss, me.num_fds()
     assert fds <= baseline[1] + 2, f"open fds grew from {baseline[1]} to {fds}"
     assert rss <= baseline[0] + 8 * 2**20, f"RSS grew from {baseline[0]} to {rss}"
+
+
+def test_large_answers_are_spliced_whole_and_the_pod_still_scales_down(
+    activator: StartActivator,
+) -> None:
+    """Answers of many MiB leave the event loop for the splice relay (the pod's
+    real loopback and veth); every byte arrives, when the app runs and when the
+    transfer is the wake's, and the pod scales down once the connection ends."""
+    act = activator(log_level="debug")
+    address = act.address()
+    boot_id = get_state(address)["boot_id"]
+    for turn in ("running", "woken"):
+        mark = act.mark()
+        status, body = request(address, "GET", "/bulk/64")
+        assert status == 200 and len(body) == 64 * len(BULK_PATTERN), (turn, len(body))
+        assert body == BULK_PATTERN * 64, f"{turn}: the bytes came out changed"
+        act.wait_for("scaled-down", after=mark)
+    assert get_state(address)["boot_id"] == boot_id
+    spliced = act.log_path.read_text().count("spliced after")
+    assert spliced >= 2, f"{spliced} connection(s) spliced"
 
 
 def test_lazy_restore_wakes_a_big_app_with_its_state_and_drops_the_image_once_paged_in(
