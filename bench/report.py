@@ -399,7 +399,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
             r = s["wake"][x]["ratio_raw_ahead"]
             rows.append(
                 [
-                    f"the same with `--criu-ahead`, {x} MiB",
+                    f"wake with `--criu-ahead` <= 1.0x raw `criu restore` CLI, {x} MiB",
                     span(r, "x", 2),
                     f"{med(s['wake'][x]['ahead']):.1f} vs {med(s['wake'][x]['raw']):.1f} ms",
                     yes(med(r) <= TARGETS["wake"]),
@@ -520,12 +520,14 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
             "CRIU that is already loaded."
             + (
                 f" What it costs: an idle `criu swrk` per pod ({spares['count']} for "
-                f"{spares['pods']} scaled-down pods at the end of the run), "
-                f"{span(spares['uss_mib'], ' MiB', 2)} private (USS) each, "
-                f"{span(spares['pss_mib'], ' MiB', 2)} PSS, "
-                f"{span(spares['rss_mib'], ' MiB', 1)} RSS (mostly CRIU's shared libraries), "
-                "on the node, outside the activator's own memory."
-                if spares and spares.get("count")
+                f"{spares['pods']} scaled-down pods at the end of the run), on the node, "
+                "outside the activator's own memory: "
+                f"{span(spares['private_dirty_mib'], ' MiB', 2)} of private dirty pages each "
+                "(what every further spare adds), "
+                f"USS {span(spares['uss_mib'], ' MiB', 2)} (CRIU's binary counts as private "
+                f"while few processes map it), PSS {span(spares['pss_mib'], ' MiB', 2)}, "
+                f"RSS {span(spares['rss_mib'], ' MiB', 1)}."
+                if spares and spares.get("count") and "private_dirty_mib" in spares
                 else ""
             ),
             "",
@@ -968,8 +970,9 @@ def findings(
             "start (fork, exec, loading CRIU) to while the pod is scaled down, at the price of "
             "an idle `criu swrk` per pod"
             + (
-                f" ({med(spares.get('uss_mib')):.1f} MiB private each here)"
-                if spares.get("count")
+                f" ({med(spares.get('private_dirty_mib')):.1f} MiB of private dirty pages "
+                "each here)"
+                if spares.get("count") and "private_dirty_mib" in spares
                 else ""
             )
             + "; it is off by default.",

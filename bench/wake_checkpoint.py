@@ -190,16 +190,30 @@ def spare_memory(act: Activator) -> dict[str, list[float]]:
     import psutil
 
     time.sleep(0.5)  # a spare starts SPARE_AFTER after its pod's call
-    found: dict[str, list[float]] = {"uss_mib": [], "pss_mib": [], "rss_mib": []}
+    found: dict[str, list[float]] = {
+        "uss_mib": [],
+        "pss_mib": [],
+        "rss_mib": [],
+        "private_dirty_mib": [],
+    }
     for child in psutil.Process(act.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             if "swrk" not in child.cmdline():
                 continue
             info = child.memory_full_info()
+            # USS counts CRIU's own binary as private while one swrk alone maps
+            # it; the dirty pages are what each spare adds whatever their number.
+            rollup = Path(f"/proc/{child.pid}/smaps_rollup").read_text()
+            dirty = sum(
+                int(line.split()[1])
+                for line in rollup.splitlines()
+                if line.startswith("Private_Dirty:")
+            )
             found["uss_mib"].append(info.uss / 1048576)
             found["pss_mib"].append(info.pss / 1048576)
             found["rss_mib"].append(info.rss / 1048576)
-    log(f"--criu-ahead: {len(found['uss_mib'])} idle criu swrk, USS {found['uss_mib']} MiB")
+            found["private_dirty_mib"].append(dirty / 1024)
+    log(f"--criu-ahead: idle criu swrk: {found}")
     return found
 
 
