@@ -804,8 +804,9 @@ def proxy_section(px: dict[str, Any], img: dict[str, str]) -> list[str]:
             "port 8080 (the declared one), against the same nginx on its port 8081 (not "
             "declared: direct), in the same repetitions as the two paths above (the four "
             "kinds interleaved); the client's pod is no probe source. The bench waits "
-            "until the pod's nft table holds the fast path's counter rule (it was there "
-            f"{c.get('fast_path_open_after_s', 0) * 1000:.0f} ms after the first request) and "
+            "until the pod's nft table holds the fast path's counter rule (`nft list table` "
+            "in the pod's netns, looked at after the first request through each port: "
+            f"{c.get('fast_path_open_after_s', 0) * 1000:.0f} ms of looking) and "
             "checks it is still there before each repetition and at the end. Ratios against "
             "the direct path of the same repetition, to the same pod (and, for comparison, "
             "to the first pod's direct path of the table above).",
@@ -1189,16 +1190,15 @@ def method_section(
         "",
         "## Product issues found while measuring",
         "",
-        "- **Concurrent checkpoints fail now and then** when apps share a working directory, as "
-        "all apps of one activator do (they inherit its cwd): CRIU's parasite creates its "
+        "- **Concurrent checkpoints failed now and then** when apps share a working directory, "
+        "as all apps of one activator do (they inherit its cwd): CRIU's parasite creates its "
         "temporary /proc mount point in the dumped task's cwd (`Can't create a directory (-17)`, "
         "`can't get /proc fd`). Reproduced with the raw CLI: 5 of 40 concurrent dumps failed "
-        "with a shared cwd, 0 of 40 with one cwd per app. Change wanted: start each app in its "
-        "own working directory (e.g. `STATE_DIR/NAME/cwd`, or the image's WORKDIR in "
-        "Kubernetes), or serialise dumps.",
-        "- `activator status` has no app pid and events carry wall-clock times rounded to 1 ms: "
-        "the bench finds the app among the activator's children by netns and command line. "
-        "Wanted: `app_pid` in PodStatus and a monotonic timestamp in events.",
+        "with a shared cwd, 0 of 40 with one cwd per app. The activator now serialises dumps per "
+        "working directory (a file lock, `Criu._dump_lock`); the bench still gives each app its "
+        "own directory.",
+        "- `activator status` gives the app's pid now (the bench uses it); events still carry "
+        "wall-clock times rounded to 1 ms. Wanted: a monotonic timestamp in events.",
         "",
     ]
     return out
