@@ -80,7 +80,7 @@ def _pod_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="while the app runs, new connections go to it directly (probes excepted); "
-        "the activator only counts them (sock_diag, an nft counter)",
+        "the activator only counts them (an nft counter; the pod's TCP table when idle)",
     )
     parser.add_argument(
         "--annotations",
