@@ -2,7 +2,7 @@
 
 Shared by tests/integration/test_servers.py (the compatibility matrix as
 tests) and bench/servers.py (the same matrix as a table). Stdlib, psutil and
-pycriu only, no pytest: a problem is an AssertionError, a server that cannot
+pycriu only, no fixtures: a problem is an AssertionError, a server that cannot
 be run here is `Unavailable`.
 
 A recipe knows how to run its server in the foreground inside a local pod
@@ -12,11 +12,11 @@ data under a work dir; how to write state into it through its own protocol
 from the host, and check that state later; and which bytes wake it (a request
 whose answer is the first byte; none for a server that speaks first).
 
-`PodRun` is one `activator run` with one pod: events (polled from its
---events file with a deadline, never slept on), the pod's address, its pause
-and app processes (host and in-pod pids, threads), the CRIU image of a
-scaled-down pod, and a teardown that stops it by pid and then finds, reports
-and removes whatever is left of the pod.
+`PodRun` is harness.Activator (one `activator run`: its events, its pod's
+address, pause and app processes, the CRIU image of a scaled-down pod, and a
+teardown that finds, reports and removes whatever is left) running a
+recipe's command, with the recipe's protocol for a client and the app's
+processes seen as the pod sees them (in-pod pids, threads).
 """
 
 from __future__ import annotations
@@ -27,39 +27,30 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import tempfile
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.integration.harness import (  # BIN, REPO, START_TIMEOUT, ns_members: for bench/
+    BIN,  # noqa: F401
+    PYTHON,
+    REPO,  # noqa: F401
+    START_TIMEOUT,  # noqa: F401
+    Activator,
+    ns_members,  # noqa: F401
+    run_activator,
+    unique_name,
+)
 
-from netns.proc import Process, descendants_of, members_of, ns_inode_of
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / ".venv" / "bin"
-ACTIVATOR = BIN / "activator"
-# For test modules that run servers under the activator: `pytestmark = NEEDS_ROOT`.
-NEEDS_ROOT = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, nftables, CRIU)"),
-    pytest.mark.skipif(not ACTIVATOR.exists(), reason="no .venv/bin/activator: run scripts/setup"),
-]
 # The events that mean a cycle went wrong.
 FAILURES = ("checkpoint-failed", "restore-failed", "app-exited", "start-failed", "failed")
-PYTHON = BIN / "python"
-RUN_DIR = Path("/run/pod-activator")
-AGENTS_DIR = RUN_DIR / "agents"
-IPAM_DIR = RUN_DIR / "ipam"
-NETNS_DIR = Path("/run/netns")
 # Debian keeps PostgreSQL's server binaries per major version (15 on Debian 12): newest first.
 PG_BINS = sorted(
     Path("/usr/lib/postgresql").glob("*/bin"),
@@ -70,20 +61,11 @@ SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", *map(str, PG_BINS)]
 )
 
-START_TIMEOUT = 30.0  # `activator run` to its pod's "running"
-EVENT_TIMEOUT = 30.0  # one phase change (checkpoint, restore) on a busy 2-core machine
 CLIENT_TIMEOUT = 30.0  # one client exchange, a wake or a cold start included
-STOP_TIMEOUT = 30.0  # SIGTERM to exit; the activator gives each app 5 s
-
-Event = dict[str, Any]
 
 
 class Unavailable(Exception):
     """The server cannot run on this machine (a binary is missing)."""
-
-
-def unique_name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def which(binary: str) -> str:
@@ -766,10 +748,6 @@ SERVERS: list[Server] = [
 # --- processes ------------------------------------------------------------------------
 
 
-def ns_members(kind: str, inode: int) -> set[int]:
-    return set(members_of(kind, inode))
-
-
 def nspid(path: str) -> list[int]:
     """NSpid of /proc/PID or /proc/PID/task/TID: outermost first ([] if gone)."""
     try:
@@ -833,33 +811,14 @@ def read_image_tree(images: Path) -> ImageTree:
     return ImageTree({int(e["pid"]): frozenset(int(t) for t in e["threads"]) for e in entries})
 
 
-# --- one `activator run` ----------------------------------------------------------------
-
-
-def read_events(path: Path) -> list[Event]:
-    """Every complete line of the events file (a line being written is skipped)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
-
-
-def phase_changes(events: list[Event]) -> list[str]:
-    return [ev["event"] for ev in events if "previous" in ev]
+# --- one `activator run` of a server ------------------------------------------------------
 
 
 @dataclass
-class PodRun:
-    """`activator run --name NAME --port PORT ... -- CMD`, and what it made."""
+class PodRun(Activator):
+    """`activator run --name NAME --port PORT ... -- CMD` of a server's recipe."""
 
-    name: str
-    server: Server
-    workdir: Path  # events, log and state dir
-    proc: subprocess.Popen[bytes]
-    extra_flags: tuple[str, ...] = ()
-    _address: str | None = None
-    _tracked: set[Process] = field(default_factory=set)
+    server: Server = field(kw_only=True)
 
     @classmethod
     def start(
@@ -872,124 +831,29 @@ class PodRun:
         scaledown_after: str = "1s",
         extra_flags: tuple[str, ...] = (),
     ) -> PodRun:
+        """Start it, with its events, log and state dir in `workdir`; not waited for."""
         name = name or unique_name(f"srv-{server.name}")
-        workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            str(ACTIVATOR), "run", "--name", name, "--port", str(server.port),
-            "--scaledown-after", scaledown_after, *extra_flags,
-            "--events", str(workdir / "events.jsonl"), "--state-dir", str(workdir / "state"),
-            "--", *launch.command,
-        ]  # fmt: skip
-        with open(workdir / "activator.log", "wb") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=launch.workdir,
-                env=server.env(),
-                start_new_session=True,  # a Ctrl-C reaches us; we stop it in order
-            )
-        return cls(name, server, workdir, proc, extra_flags)
-
-    # -- events --
-
-    @property
-    def events_path(self) -> Path:
-        return self.workdir / "events.jsonl"
-
-    @property
-    def images(self) -> Path:
-        return self.workdir / "state" / self.name / "images"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def events(self) -> list[Event]:
-        return read_events(self.events_path)
-
-    def mark(self) -> int:
-        return len(self.events())
-
-    def wait_for(
-        self, event: str | tuple[str, ...], after: int = 0, timeout: float = EVENT_TIMEOUT
-    ) -> Event:
-        """The first `event` (or any of several) of the pod at index >= `after`.
-
-        AssertionError, with the events seen and the activator's log, after `timeout`.
-        """
-        wanted = (event,) if isinstance(event, str) else event
-        deadline = time.monotonic() + timeout
-        while True:
-            events = self.events()
-            for found in events[after:]:
-                if found.get("event") in wanted and found.get("pod") == self.name:
-                    return found
-            if time.monotonic() > deadline or not self.alive():
-                why = "timed out" if self.alive() else "the activator exited"
-                seen = [(i, ev.get("event")) for i, ev in enumerate(events)]
-                raise AssertionError(
-                    f"{why} waiting for {event!r} of pod {self.name} after index {after};"
-                    f" events: {seen}\nactivator log tail:\n{self.log_tail()}"
-                )
-            time.sleep(0.01)
-
-    def log_tail(self, lines: int = 25) -> str:
-        with contextlib.suppress(OSError):
-            text = (self.workdir / "activator.log").read_text(errors="replace")
-            return "\n".join(text.splitlines()[-lines:])
-        return ""
-
-    # -- the pod --
-
-    def status(self) -> Event:
-        """The pod as its activator reports it (`activator status --json`, asked of
-        this activator alone: other activators on the machine are not waited for)."""
-        from activator.control import ask
-
-        answer = ask(AGENTS_DIR / f"{self.proc.pid}.sock", {"op": "status"}, CLIENT_TIMEOUT)
-        pods = [p for p in answer["pods"] if p["name"] == self.name]
-        assert len(pods) == 1, f"status lists pod {self.name} {len(pods)} times: {answer}"
-        found: Event = pods[0]
-        return found
-
-    def address(self) -> str:
-        if self._address is None:
-            self._address = str(self.status()["address"])
-        return self._address
-
-    def netns_inode_of(self) -> int | None:
-        try:
-            return os.stat(NETNS_DIR / f"pa-{self.name}").st_ino
-        except OSError:
-            return None
-
-    def netns_pids(self) -> set[int]:
-        inode = self.netns_inode_of()
-        return set() if inode is None else ns_members("net", inode)
-
-    def pause(self) -> int:
-        """Host pid of the pod's pause: pid 1 of the pod's pid namespace."""
-        found = [pid for pid in self.netns_pids() if nspid(f"/proc/{pid}")[1:] == [1]]
-        assert len(found) == 1, f"pod {self.name}: pause candidates {found}"
-        return found[0]
-
-    def pid_namespace(self) -> int:
-        inode = ns_inode_of(self.pause(), "pid")
-        assert inode is not None
-        return inode
+        state_dir = workdir / "state"
+        proc = run_activator(
+            launch.command,
+            workdir,
+            name=name,
+            port=server.port,
+            scaledown_after=scaledown_after,
+            flags=extra_flags,
+            state_dir=state_dir,
+            cwd=launch.workdir,
+            env=server.env(),
+            new_session=True,
+        )
+        return cls(name, proc, workdir, state_dir, server=server)
 
     def app(self) -> dict[int, Task]:
         """The app's processes (every process of the pod's pid namespace but the pause)."""
-        pause = self.pause()
-        inode = ns_inode_of(pause, "pid")
-        assert inode is not None
         tasks = {}
-        for pid in ns_members("pid", inode) - {pause}:
+        for pid in self.app_pids():
             if (task := _task(pid)) is not None:
                 tasks[task.pid] = task
-                if (proc := Process.of(pid)) is not None:
-                    self._tracked.add(proc)
         return tasks
 
     @contextlib.contextmanager
@@ -1010,89 +874,5 @@ class PodRun:
             assert first, f"{self.server.name} closed the connection without a byte"
             yield first, ms
 
-    # -- teardown --
 
-    def track(self) -> None:
-        for pid in self.netns_pids() | (descendants_of(self.proc.pid) if self.alive() else set()):
-            if (proc := Process.of(pid)) is not None:
-                self._tracked.add(proc)
-
-    def stop(self) -> int:
-        """SIGTERM by pid, bounded wait, SIGKILL by pid if needed; the exit status."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-                raise AssertionError(
-                    f"activator {self.proc.pid} did not exit within {STOP_TIMEOUT:.0f}s of"
-                    f" SIGTERM: killed\n{self.log_tail()}"
-                ) from None
-        return self.proc.returncode
-
-    def teardown(self) -> list[str]:
-        """Stop the activator, then find, report and remove what is left of the pod."""
-        problems: list[str] = []
-        with contextlib.suppress(Exception):
-            self.track()
-        try:
-            status = self.stop()
-            if status != 0:
-                problems.append(f"activator exited {status}\n{self.log_tail()}")
-        except AssertionError as exc:
-            problems.append(str(exc))
-        # Pauses first: the kernel ends the rest of their pod with them.
-        for proc in sorted(self._tracked, key=lambda p: nspid(f"/proc/{p.pid}")[1:] != [1]):
-            if proc.alive():
-                problems.append(f"process {proc.pid} survived the activator ({_ps(proc.pid)})")
-                proc.kill()
-        netns = f"pa-{self.name}"
-        if (NETNS_DIR / netns).exists():
-            problems.append(f"netns {netns} left behind")
-            subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
-        from netns.pod import host_ifname
-
-        veth = host_ifname(self.name)
-        if subprocess.run(["ip", "link", "show", "dev", veth], capture_output=True).returncode == 0:
-            problems.append(f"veth {veth} left behind")
-            subprocess.run(["ip", "link", "delete", veth], capture_output=True)
-        with contextlib.suppress(FileNotFoundError):
-            for lease in IPAM_DIR.iterdir():
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    if json.loads(lease.read_text())["pod"] == self.name:
-                        problems.append(f"lease {lease} left behind")
-                        lease.unlink()
-        pod_state = self.workdir / "state" / self.name
-        if pod_state.exists():
-            problems.append(f"state dir {pod_state} left behind")
-            shutil.rmtree(pod_state, ignore_errors=True)
-        agent = AGENTS_DIR / f"{self.proc.pid}.sock"
-        if agent.exists():
-            problems.append(f"agent socket {agent} left behind")
-            agent.unlink(missing_ok=True)
-        # SysV shared memory (PostgreSQL's) made by the pod's processes and now unused.
-        ours = {p.pid for p in self._tracked}
-        for shmid, (cpid, nattch) in _sysv_shm().items():
-            if cpid in ours and nattch == 0:
-                problems.append(f"SysV shm {shmid} of process {cpid} left behind")
-                subprocess.run(["ipcrm", "-m", str(shmid)], capture_output=True)
-        return problems
-
-
-def _ps(pid: int) -> str:
-    """What a process left behind is, for the report (ps: parent, state, age, command)."""
-    return _out(["ps", "-o", "ppid=,stat=,etime=,args=", "-p", str(pid)]) or "gone"
-
-
-def _sysv_shm() -> dict[int, tuple[int, int]]:
-    """shmid -> (creator pid, attached count) of the host IPC namespace's segments."""
-    found = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]:
-            cols = line.split()
-            found[int(cols[1])] = (int(cols[4]), int(cols[6]))
-    return found
+StartPod = Callable[..., PodRun]  # the `pod` fixture: (server, *flags) -> a running pod

@@ -1,17 +1,16 @@
 """Privileged end-to-end tests of the activator: the real CLI, real pods, real CRIU.
 
 Every test starts `activator run` as a subprocess with its own state dir and
-events file, talks to the bundled sample app at the pod's address from the
+events file (the `activator` fixture, in conftest.py; the harness is
+harness.py), talks to the bundled sample app at the pod's address from the
 host, and synchronises on the events file (polled with a deadline), never on
 bare sleeps. The sample app's GET /state tells whether memory came back: the
 same boot_id after a wake is a restore, a new one a cold start.
 
-The `activator` fixture stops every activator it started by pid (SIGTERM,
-then SIGKILL after a bound), then checks that nothing of its pods is left
-(namespaces, veth, lease, processes, state dir), removes whatever is, and
-fails the test if it had to. Until pods announce their MAC (see the last
-tests: known bugs), the fixture drops the host's ARP entry for each new pod
-address, or a reused address stays unreachable for tens of seconds.
+The fixture stops every activator it started by pid (SIGTERM, then SIGKILL
+after a bound), then checks that nothing of its pods is left (namespaces,
+veth, lease, processes, state dir), removes whatever is, and fails the test
+if it had to.
 """
 
 from __future__ import annotations
@@ -28,11 +27,10 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -41,92 +39,40 @@ from activator.sampleapp import BULK_PATTERN
 from netns.bridge import DEFAULT_BRIDGE
 from netns.namespace import NetnsThread
 from netns.pod import host_ifname
-from netns.proc import Process, descendants_of, members_of, ns_inode_of, nspid, parent_of
+from netns.proc import Process, descendants_of, ns_inode_of, parent_of
+from tests.integration.harness import (
+    ACTIVATOR,
+    AGENTS_DIR,
+    APP_PORT,
+    IPAM_DIR,
+    NEEDS_ROOT,
+    NETNS_DIR,
+    PYTHON,
+    REPO,
+    START_TIMEOUT,
+    Activator,
+    Event,
+    StartActivator,
+    detail,
+    leases_of,
+    link_exists,
+    netns_pids,
+    nft_table_in,
+    ns_members,
+    phase_changes,
+    read_events,  # noqa: F401  (tests/k8s/test_sidecar.py imports it from here)
+    run_activator,
+    unique_name,
+    wait_for_event,  # noqa: F401  (tests/k8s/test_sidecar.py imports it from here)
+)
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, nftables, CRIU)"),
-]
+pytestmark = NEEDS_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / ".venv" / "bin"
-ACTIVATOR = str(BIN / "activator")
-PYTHON = str(BIN / "python")
-APP_PORT = 8080
-RUN_DIR = Path("/run/pod-activator")
-AGENTS_DIR = RUN_DIR / "agents"
-IPAM_DIR = RUN_DIR / "ipam"
-NETNS_DIR = Path("/run/netns")
-
-START_TIMEOUT = 30.0  # the pod exists and its app was started
-EVENT_TIMEOUT = 20.0  # one phase change (a checkpoint, a restore, a cold start)
 HTTP_TIMEOUT = 30.0  # one request, a wake included
-STOP_TIMEOUT = 30.0  # SIGTERM to exit; the activator stops each app within 5 s
 CLI_TIMEOUT = 30.0
 
-Event = dict[str, Any]
-
-if not Path(ACTIVATOR).exists():  # pragma: no cover - a set-up problem, not a test
+if not ACTIVATOR.exists():  # pragma: no cover - a set-up problem, not a test
     pytest.skip("no .venv/bin/activator: run scripts/setup", allow_module_level=True)
-
-
-def unique_name(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-# --- the events file -----------------------------------------------------------
-
-
-def read_events(path: Path) -> list[Event]:
-    """Every complete line of the events file (a line being written is skipped)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    events: list[Event] = []
-    for line in text.split("\n")[:-1]:  # the last piece has no newline yet
-        if line.strip():
-            events.append(json.loads(line))
-    return events
-
-
-def detail(event: Event, key: str) -> Any:
-    """A detail of an event, nested under "details" or at the top level."""
-    nested = event.get("details")
-    if isinstance(nested, dict) and key in nested:
-        return nested[key]
-    return event.get(key)
-
-
-def wait_for_event(
-    path: Path,
-    event: str,
-    after_index: int = 0,
-    timeout: float = EVENT_TIMEOUT,
-    *,
-    pod: str | None = None,
-    alive: Callable[[], bool] | None = None,
-) -> tuple[int, Event]:
-    """The first `event` (of `pod`, if given) at index >= `after_index`, and its index.
-
-    Polls the file until `timeout`; gives up early when `alive()` says the
-    writer is gone. Raises AssertionError listing the events seen.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        events = read_events(path)
-        for index in range(after_index, len(events)):
-            found = events[index]
-            if found.get("event") == event and (pod is None or found.get("pod") == pod):
-                return index, found
-        if time.monotonic() > deadline or (alive is not None and not alive()):
-            seen = [(i, ev.get("pod"), ev.get("event")) for i, ev in enumerate(events)]
-            why = "timed out" if alive is None or alive() else "the activator exited"
-            raise AssertionError(
-                f"{why} waiting for event {event!r} (pod {pod}) after index {after_index}; "
-                f"events: {seen}"
-            )
-        time.sleep(0.01)
 
 
 # --- processes ---------------------------------------------------------------
@@ -138,59 +84,12 @@ def process_of(pid: int) -> Process:
     return found
 
 
-def ns_members(kind: str, inode: int) -> set[int]:
-    """Host pids of every process in namespace `kind` with `inode`."""
-    return set(members_of(kind, inode))
-
-
 # --- the host's view of a pod ------------------------------------------------
 
 
 def netns_names() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
-
-
-def netns_pids(pod: str) -> set[int]:
-    out = subprocess.run(
-        ["ip", "netns", "pids", f"pa-{pod}"], capture_output=True, text=True, check=True
-    )
-    return {int(p) for p in out.stdout.split()}
-
-
-def link_exists(ifname: str) -> bool:
-    return (
-        subprocess.run(["ip", "link", "show", "dev", ifname], capture_output=True).returncode == 0
-    )
-
-
-def leases_of(pod: str) -> list[Path]:
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for path in IPAM_DIR.iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                if not path.name.startswith(".") and json.loads(path.read_text())["pod"] == pod:
-                    found.append(path)
-    return found
-
-
-def nft_table_in(pod: str) -> bool:
-    nft = shutil.which("nft") or "/usr/sbin/nft"
-    return (
-        subprocess.run(
-            [
-                "nsenter",
-                f"--net={NETNS_DIR / f'pa-{pod}'}",
-                nft,
-                "list",
-                "table",
-                "ip",
-                "pod_activator",
-            ],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
 
 
 def neighbour_entry(address: str) -> str:
@@ -208,7 +107,9 @@ def pod_mac(pod: str) -> str:
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([ACTIVATOR, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    done = subprocess.run(
+        [str(ACTIVATOR), *args], capture_output=True, text=True, timeout=CLI_TIMEOUT
+    )
     if check:
         assert done.returncode == 0, f"activator {' '.join(args)}: {done.stderr}"
     return done
@@ -222,14 +123,14 @@ def cli_seeing_only(act: Activator, *args: str) -> subprocess.CompletedProcess[s
     the agents directory holds `act`'s socket alone (bind-mounted; connecting
     through a bind mount reaches the same socket). The host's mounts are untouched.
     """
-    view = act.events_path.parent / "agents"
+    view = act.workdir / "agents"
     view.mkdir(exist_ok=True)
     (view / act.agent_socket.name).touch()
     script = 'mount --bind "$1" "$2" && mount --rbind "$3" "$4" && shift 4 && exec "$@"'
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
     argv += [str(act.agent_socket), str(view / act.agent_socket.name), str(view), str(AGENTS_DIR)]
     done = subprocess.run(
-        [*argv, ACTIVATOR, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT
+        [*argv, str(ACTIVATOR), *args], capture_output=True, text=True, timeout=CLI_TIMEOUT
     )
     assert done.returncode == 0, f"activator {' '.join(args)}: {done.stderr}"
     return done
@@ -326,206 +227,6 @@ def assert_all_served(answers: list[Answer], boot_id: str, first_hit: int) -> No
     assert hits == list(range(first_hit, first_hit + len(answers))), hits
 
 
-def phase_changes(events: list[Event]) -> list[str]:
-    return [ev["event"] for ev in events if "previous" in ev]
-
-
-# --- one activator process ------------------------------------------------------
-
-
-@dataclass
-class Activator:
-    name: str  # the pod `activator run` made
-    proc: subprocess.Popen[bytes]
-    events_path: Path
-    state_dir: Path
-    log_path: Path
-    pods: list[str] = field(default_factory=list)  # every pod it manages, for teardown
-    addresses: set[str] = field(default_factory=set)  # every pod address seen
-    # Killed on purpose (SIGKILL): what it leaves is expected, and only removed.
-    killed: bool = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def agent_socket(self) -> Path:
-        return AGENTS_DIR / f"{self.pid}.sock"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def events(self) -> list[Event]:
-        return read_events(self.events_path)
-
-    def mark(self) -> int:
-        """The index the next event will have."""
-        return len(self.events())
-
-    def wait_for(
-        self, event: str, after: int = 0, timeout: float = EVENT_TIMEOUT, pod: str | None = None
-    ) -> tuple[int, Event]:
-        try:
-            return wait_for_event(
-                self.events_path, event, after, timeout, pod=pod or self.name, alive=self.alive
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nactivator log tail:\n{self.log_tail()}") from None
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def address(self, pod: str | None = None) -> str:
-        address: str = pod_status(pod or self.name)["address"]
-        self.addresses.add(address)
-        return address
-
-    def pause(self, pod: str | None = None) -> int:
-        """Host pid of the pod's pause: pid 1 of the pod's pid namespace."""
-        pod = pod or self.name
-        found = [pid for pid in netns_pids(pod) if nspid(pid)[1:] == [1]]
-        assert len(found) == 1, f"pod {pod}: pause candidates {found}"
-        return found[0]
-
-    def app_pids(self, pod: str | None = None) -> set[int]:
-        """Host pids of the processes in the pod's pid namespace but the pause."""
-        pause = self.pause(pod)
-        inode = ns_inode_of(pause, "pid")
-        assert inode is not None
-        return ns_members("pid", inode) - {pause}
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM by pid, wait with a bound, SIGKILL by pid if needed; the exit code."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(10)
-                raise AssertionError(
-                    f"activator pid {self.pid} did not exit within {timeout:.0f}s of "
-                    f"SIGTERM: killed\n{self.log_tail()}"
-                ) from None
-        return self.proc.returncode
-
-    def teardown(self) -> list[str]:
-        """Stop, then find, report and remove whatever is left of the pods."""
-        problems: list[str] = []
-        tracked: set[Process] = set()
-        for pid in descendants_of(self.pid) if self.alive() else set():
-            with contextlib.suppress(AssertionError):
-                tracked.add(process_of(pid))
-        for pod in self.pods:
-            if f"pa-{pod}" in netns_names():
-                for pid in netns_pids(pod):
-                    with contextlib.suppress(AssertionError):
-                        tracked.add(process_of(pid))
-        try:
-            self.stop()
-        except AssertionError as exc:
-            problems.append(str(exc))
-        # The pauses first: the kernel ends the rest of each pod with them.
-        for proc in sorted(tracked, key=lambda p: nspid(p.pid)[1:] != [1]):
-            if proc.alive():
-                command = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                problems.append(f"process {proc.pid} survived the activator: {command!r}")
-                proc.kill()
-        for pod in self.pods:
-            if f"pa-{pod}" in netns_names():
-                problems.append(f"netns pa-{pod} left behind")
-                subprocess.run(["ip", "netns", "delete", f"pa-{pod}"], capture_output=True)
-            if link_exists(host_ifname(pod)):
-                problems.append(f"veth {host_ifname(pod)} left behind")
-                subprocess.run(["ip", "link", "delete", host_ifname(pod)], capture_output=True)
-            for lease in leases_of(pod):
-                problems.append(f"lease {lease} left behind")
-                lease.unlink(missing_ok=True)
-            if (self.state_dir / pod).exists():
-                problems.append(f"state dir {self.state_dir / pod} left behind")
-                shutil.rmtree(self.state_dir / pod, ignore_errors=True)
-        if self.agent_socket.exists():
-            problems.append(f"agent socket {self.agent_socket} left behind")
-            self.agent_socket.unlink(missing_ok=True)
-        return [] if self.killed else problems
-
-
-StartActivator = Callable[..., Activator]
-
-
-@pytest.fixture
-def activator(tmp_path: Path) -> Iterator[StartActivator]:
-    """Start `activator run` (one pod, the sample app); everything is removed at teardown."""
-    started: list[Activator] = []
-
-    def start(
-        *,
-        scaledown_after: str = "1s",
-        hold_mib: int = 0,
-        name: str | None = None,
-        verbose: bool = False,
-        state_dir: Path | None = None,
-        adopting: bool = False,
-        image_key: Path | None = None,
-        flags: Sequence[str] = (),
-        log_level: str = "info",
-    ) -> Activator:
-        name = name or unique_name()
-        workdir = tmp_path / f"{name}-{len(started)}"
-        workdir.mkdir()
-        state_dir = state_dir or workdir / "state"
-        app = [PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT)]
-        if hold_mib:
-            app += ["--hold-mib", str(hold_mib)]
-        if verbose:
-            app += ["--verbose"]
-        log_path = workdir / "activator.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    ACTIVATOR,
-                    "--log-level",
-                    log_level,
-                    "run",
-                    "--name",
-                    name,
-                    "--port",
-                    str(APP_PORT),
-                    "--scaledown-after",
-                    scaledown_after,
-                    "--events",
-                    str(workdir / "events.jsonl"),
-                    "--state-dir",
-                    str(state_dir),
-                    *(["--image-key", str(image_key)] if image_key else []),
-                    *flags,
-                    "--",
-                    *app,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-        act = Activator(name, proc, workdir / "events.jsonl", state_dir, log_path, pods=[name])
-        started.append(act)
-        # An adopted pod comes up scaled down; the test waits for that itself.
-        if not adopting:
-            act.wait_for("running", timeout=START_TIMEOUT)
-        return act
-
-    yield start
-    problems: list[str] = []
-    for act in reversed(started):
-        problems += act.teardown()
-    assert not problems, "left behind (now removed): " + "; ".join(problems)
-
-
 # --- the tests -------------------------------------------------------------------
 
 
@@ -547,7 +248,7 @@ def test_state_is_kept_across_five_scale_down_and_wake_cycles(
     assert len(apps) == 1, apps
     mark = act.mark()
     for cycle in range(1, 6):
-        _, scaled = act.wait_for("scaled-down", after=mark)
+        scaled = act.wait_for("scaled-down", after=mark)
         assert detail(scaled, "image_bytes") > 0 and detail(scaled, "checkpoint_ms") > 0
         # Scaled down: the app's processes are gone; only the pause (and its
         # unshare parent, in the host pid namespace) are left in the pod.
@@ -600,7 +301,7 @@ def test_manual_scale_down_and_wake(activator: StartActivator) -> None:
     assert not act.app_pids()
     mark = act.mark()
     assert cli("wake", act.name).stdout.strip() == f"{act.name}: restoring"
-    _, running = act.wait_for("running", after=mark)
+    running = act.wait_for("running", after=mark)
     assert detail(running, "restore_ms") is not None, running
     assert len(act.app_pids()) == 1
     after = get_state(address)
@@ -672,9 +373,9 @@ def test_a_damaged_image_falls_back_to_a_cold_start_and_the_pod_recovers(
     after = get_state(address)  # the restore fails; a cold start answers
     assert after["boot_id"] != before["boot_id"]
     assert after["values"] == {} and after["hits"] == 1
-    failed, event = act.wait_for("restore-failed", after=mark)
+    failed, event = act.wait_for_indexed("restore-failed", after=mark)
     assert "criu log" in str(event.get("message")), "the failure names CRIU's log"
-    _, ev = act.wait_for("running", after=failed)
+    ev = act.wait_for("running", after=failed)
     assert detail(ev, "restore_ms") is None, "running after a failed restore is a cold start"
     assert len(act.app_pids()) == 1, "a failed restore left processes in the pod"
     # Back to normal: the next scale-down and wake keep the new state.
@@ -682,7 +383,7 @@ def test_a_damaged_image_falls_back_to_a_cold_start_and_the_pod_recovers(
     act.wait_for("scaled-down", after=act.mark())
     woke = act.mark()
     assert get_state(address)["values"] == {"again": "yes"}
-    _, ev = act.wait_for("running", after=woke)
+    ev = act.wait_for("running", after=woke)
     assert ev.get("previous") == "restoring"
 
 
@@ -745,7 +446,7 @@ def test_app_that_exits_is_restarted_and_serves(activator: StartActivator, origi
     app = process_of(app_pid)
     mark = act.mark()
     os.kill(app.pid, signal.SIGKILL)
-    exited, ev = act.wait_for("app-exited", after=mark)
+    exited, ev = act.wait_for_indexed("app-exited", after=mark)
     assert "signal 9" in str(detail(ev, "status")), ev
     act.wait_for("running", after=exited)
     after = get_state(address)
@@ -779,7 +480,7 @@ def test_two_pods_in_one_activator_reach_each_other(activator: StartActivator) -
     added = cli_seeing_only(
         act,
         "add", "--name", b, "--port", str(APP_PORT), "--scaledown-after", "1s",
-        "--", PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT),
+        "--", str(PYTHON), "-m", "activator.sampleapp", "--port", str(APP_PORT),
     )  # fmt: skip
     assert added.stdout.startswith(f"{b}: "), added.stdout
     act.wait_for("running", after=mark, pod=b)
@@ -809,7 +510,7 @@ def test_two_pods_in_one_activator_reach_each_other(activator: StartActivator) -
     assert get_state(a_address)["hits"] >= 1  # A is untouched
 
 
-GOOD_COMMAND = ["--", PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT)]
+GOOD_COMMAND = ["--", str(PYTHON), "-m", "activator.sampleapp", "--port", str(APP_PORT)]
 
 
 @pytest.mark.parametrize(
@@ -858,7 +559,7 @@ def test_bad_flags_exit_2_with_one_line_and_create_nothing(
     if flags[0] == "run":
         argv += ["--events", str(tmp_path / "events"), "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(
-        [ACTIVATOR, *argv, *command],
+        [str(ACTIVATOR), *argv, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -996,7 +697,7 @@ def test_a_killed_activator_run_again_adopts_its_pod_with_its_state(
     os.kill(first.pid, signal.SIGKILL)
     first.proc.wait(10)
     second = activator(name=first.name, state_dir=first.state_dir, adopting=True, verbose=True)
-    _, adopted = second.wait_for("scaled-down", timeout=START_TIMEOUT)
+    adopted = second.wait_for("scaled-down", timeout=START_TIMEOUT)
     assert adopted.get("previous") == "created"
     after = get_state(second.address())
     assert after["boot_id"] == before["boot_id"]
@@ -1080,7 +781,7 @@ def test_a_full_image_disk_keeps_the_app_running_and_the_pod_recovers(
     act = activator(state_dir=small_tmpfs / "state")
     address = act.address()
     before = get_state(address)
-    _, failed = act.wait_for("checkpoint-failed")
+    failed = act.wait_for("checkpoint-failed")
     assert "criu" in failed["message"].lower()
     assert get_state(address)["boot_id"] == before["boot_id"]  # still the same app, running
     # Room again: the next idle period checkpoints, and the wake brings the state back.
@@ -1101,7 +802,7 @@ def test_a_missing_image_starts_the_app_cold_and_the_pod_recovers(
     mark = act.mark()
     cold = get_state(address)
     assert cold["boot_id"] != before["boot_id"]
-    _, failed = act.wait_for("restore-failed", after=mark)
+    failed = act.wait_for("restore-failed", after=mark)
     assert failed["message"]
     # And then the usual: scale down, wake with the (new) state.
     mark = act.mark()
@@ -1130,16 +831,13 @@ def test_sysv_shared_memory_survives_in_the_apps_own_ipc_namespace(tmp_path: Pat
     """PostgreSQL-style SysV shared memory: the app gets an IPC namespace of its
     own (as in a Kubernetes pod), which CRIU saves and restores with it."""
     name = unique_name("shm")
-    events = tmp_path / "events.jsonl"
-    proc = subprocess.Popen(
-        [
-            ACTIVATOR, "run", "--name", name, "--port", str(APP_PORT),
-            "--scaledown-after", "1s", "--no-probe-detection", "--events", str(events),
-            "--state-dir", str(tmp_path / "state"), "--", PYTHON, "-c", SHM_APP, str(APP_PORT),
-        ],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    act = Activator(name, proc, events, tmp_path / "state", tmp_path / "log", pods=[name])
+    state_dir = tmp_path / "state"
+    command = [str(PYTHON), "-c", SHM_APP, str(APP_PORT)]
+    flags = ["--no-probe-detection"]
+    proc = run_activator(
+        command, tmp_path, name=name, port=APP_PORT, flags=flags, state_dir=state_dir
+    )
+    act = Activator(name, proc, tmp_path, state_dir)
     try:
         act.wait_for("running", timeout=START_TIMEOUT)
         address = act.address()

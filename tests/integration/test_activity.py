@@ -29,22 +29,18 @@ import pytest
 
 from netns.bridge import DEFAULT_SUBNET, gateway_of
 from netns.namespace import NetnsThread
+from tests.integration.harness import NEEDS_ROOT, NETNS_DIR, PYTHON, Event, phase_changes
 from tests.integration.servers import (
     CLIENT_TIMEOUT,
     FAILURES,
-    NEEDS_ROOT,
-    NETNS_DIR,
-    PYTHON,
-    START_TIMEOUT,
-    Event,
     Launch,
     MariaDB,
     PodRun,
     PythonSample,
     Scratch,
     Server,
+    StartPod,
     Unavailable,
-    phase_changes,
 )
 
 pytestmark = NEEDS_ROOT
@@ -57,36 +53,6 @@ KUBE_PROBE = "kube-probe/1.35"
 # The wake of a server-first client may take the restore and at most this
 # much more: far above the probe wait (100 ms) and far below a stall.
 WAKE_SLACK_MS = 2000.0
-
-StartPod = Callable[..., PodRun]
-
-
-@pytest.fixture
-def pod(tmp_path: Path, scratch: Scratch) -> Iterator[StartPod]:
-    """Start `server` in a pod under `activator run ... FLAGS`; at teardown
-    everything of every pod started is stopped and removed."""
-    runs: list[PodRun] = []
-
-    def start(server: Server, *flags: str) -> PodRun:
-        workdir = tmp_path / f"{server.name}-{len(runs)}"
-        try:
-            server.check_available()
-            workdir.mkdir()
-            launch = server.launch(workdir, scratch)
-        except Unavailable as exc:
-            pytest.skip(str(exc))
-        run = PodRun.start(
-            server, launch, workdir / "activator", scaledown_after=f"{SCALEDOWN:g}s",
-            extra_flags=flags,
-        )  # fmt: skip
-        runs.append(run)
-        run.wait_for("running", timeout=START_TIMEOUT)
-        return run
-
-    yield start
-    problems = [problem for run in runs for problem in run.teardown()]
-    assert not problems, "left behind (now removed): " + "; ".join(problems)
-
 
 # --- clients ------------------------------------------------------------------------------
 

@@ -16,23 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from netns.namespace import NetnsThread
-
-from . import test_activator as harness
-from .test_activator import (
+from tests.integration.harness import (
     APP_PORT,
-    HTTP_TIMEOUT,
+    NEEDS_ROOT,
     NETNS_DIR,
     PYTHON,
     Activator,
     StartActivator,
-    cli,
-    cli_seeing_only,
-    get_state,
-    pytestmark,  # noqa: F401  (root only, as the harness's tests)
     unique_name,
 )
+from tests.integration.test_activator import HTTP_TIMEOUT, cli, cli_seeing_only, get_state
 
-activator = harness.activator  # the fixture, for this module's tests
+pytestmark = NEEDS_ROOT
 
 IDLE = 1.0  # the fast pod's scale-down duration, seconds
 
@@ -45,7 +40,7 @@ def add_client_pod(act: Activator) -> str:
     cli_seeing_only(
         act,
         "add", "--name", name, "--port", str(APP_PORT), "--scaledown-after", "1h",
-        "--", PYTHON, "-m", "activator.sampleapp", "--port", str(APP_PORT),
+        "--", str(PYTHON), "-m", "activator.sampleapp", "--port", str(APP_PORT),
     )  # fmt: skip
     act.wait_for("running", after=mark, pod=name)
     return name

@@ -24,75 +24,24 @@ looks at its processes.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import NEEDS_ROOT, Event, ns_members, phase_changes
 from tests.integration.servers import (
     FAILURES,
-    NEEDS_ROOT,
     SERVERS,
-    START_TIMEOUT,
-    Event,
     PodRun,
-    Scratch,
     Server,
+    StartPod,
     Task,
-    Unavailable,
     has_cap_sys_resource,
-    ns_members,
-    phase_changes,
     read_image_tree,
 )
 
 pytestmark = NEEDS_ROOT
 
 CYCLES = 3
-
-StartPod = Callable[[Server], PodRun]
-
-
-@pytest.fixture(scope="session")
-def scratch() -> Iterator[Scratch]:
-    """Initialised data dirs (MariaDB, PostgreSQL) made once, and dirs other users reach."""
-    made = Scratch()
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def pod(tmp_path: Path, scratch: Scratch) -> Iterator[StartPod]:
-    """Start a server in a pod; at teardown everything of the pod is stopped and removed."""
-    runs: list[PodRun] = []
-    shared_dirs: list[Path] = []
-
-    def start(server: Server) -> PodRun:
-        try:
-            server.check_available()
-            if server.other_users:
-                workdir = scratch.workdir(f"{server.name}-{uuid.uuid4().hex[:8]}")
-                shared_dirs.append(workdir)
-            else:
-                workdir = tmp_path / server.name
-                workdir.mkdir()
-            launch = server.launch(workdir, scratch)
-        except Unavailable as exc:
-            pytest.skip(str(exc))
-        run = PodRun.start(server, launch, tmp_path / "activator")
-        runs.append(run)
-        run.wait_for("running", timeout=START_TIMEOUT)
-        return run
-
-    yield start
-    problems: list[str] = []
-    for run in runs:
-        problems += run.teardown()
-    for path in shared_dirs:
-        shutil.rmtree(path, ignore_errors=True)
-    assert not problems, "left behind (now removed): " + "; ".join(problems)
 
 
 def _describe(tasks: dict[int, Task]) -> str:

@@ -26,15 +26,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.harness import NEEDS_ROOT, Event, ns_members, phase_changes
 from tests.integration.servers import (
     FAILURES,
-    NEEDS_ROOT,
-    Event,
     PodRun,
     Scratch,
     Unavailable,
-    ns_members,
-    phase_changes,
     read_image_tree,
 )
 from tests.integration.wordpress import Stack, WordPressWeb, check_available, scale_down

@@ -33,11 +33,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.integration.servers import (
+from tests.integration.harness import (
     ACTIVATOR,
     EVENT_TIMEOUT,
     START_TIMEOUT,
     Event,
+    unique_name,
+)
+from tests.integration.servers import (
     Launch,
     MariaDB,
     PodRun,
@@ -47,7 +50,6 @@ from tests.integration.servers import (
     _out,
     _run_checked,
     http,
-    unique_name,
     which,
 )
 
