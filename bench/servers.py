@@ -41,17 +41,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repo's packages come from its root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.integration.harness import BIN, REPO, START_TIMEOUT, ns_members
 from tests.integration.servers import (
-    BIN,
-    REPO,
     SERVERS,
-    START_TIMEOUT,
     PodRun,
     Scratch,
     Server,
     Unavailable,
     has_cap_sys_resource,
-    ns_members,
     read_image_tree,
 )
 

@@ -39,12 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.harness import (  # BIN, REPO, START_TIMEOUT, ns_members: for bench/
-    BIN,  # noqa: F401
     PYTHON,
-    REPO,  # noqa: F401
-    START_TIMEOUT,  # noqa: F401
     Activator,
-    ns_members,  # noqa: F401
     run_activator,
     unique_name,
 )

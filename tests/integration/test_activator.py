@@ -60,10 +60,8 @@ from tests.integration.harness import (
     nft_table_in,
     ns_members,
     phase_changes,
-    read_events,  # noqa: F401  (tests/k8s/test_sidecar.py imports it from here)
     run_activator,
     unique_name,
-    wait_for_event,  # noqa: F401  (tests/k8s/test_sidecar.py imports it from here)
 )
 
 pytestmark = NEEDS_ROOT

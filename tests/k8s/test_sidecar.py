@@ -25,7 +25,7 @@ import pytest
 
 from activator.inject import CRIU_CAPABILITIES, METRICS_PORT
 from netns import proc
-from tests.integration.test_activator import ACTIVATOR, read_events, wait_for_event
+from tests.integration.harness import ACTIVATOR, read_events, wait_for_event
 from tests.k8s.runtime import REPO, Containerd, Mount, Pod
 
 APP_PORT = 8080
