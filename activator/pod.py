@@ -144,6 +144,10 @@ class PodStatus:
     last_checkpoint_ms: float | None
     last_restore_ms: float | None
     image_bytes: int | None
+    # With the fast path: "open", "closing" or "closed", and the connections
+    # it had open at its last close (it counts them only then).
+    fast_path: str | None
+    direct_connections: int
 
 
 class PodDriver:
@@ -644,6 +648,8 @@ class PodDriver:
             last_checkpoint_ms=m.last_checkpoint_ms,
             last_restore_ms=m.last_restore_ms,
             image_bytes=m.image_bytes,
+            fast_path=m.direct_path.value if self.config.fast_path else None,
+            direct_connections=m.direct_connections,
         )
 
 

@@ -114,7 +114,11 @@ def test_direct_connections_are_counted_and_a_wake_keeps_the_state(
         time.sleep(3 * IDLE)
         assert state_over(conn)["boot_id"] == before["boot_id"]
         assert checkpoints(act, mark) == 0, "scaled down under an open direct connection"
+        # The idle time ran out at least once meanwhile and found it open.
+        status = act.status()
+        assert status["direct_connections"] == 1 and status["open_connections"] == 0, status
     act.wait_for("scaled-down", after=mark)
+    assert act.status()["fast_path"] == "closed"
 
     # Scaled down, a connection comes to the activator and wakes the app.
     mark = act.mark()
@@ -123,6 +127,7 @@ def test_direct_connections_are_counted_and_a_wake_keeps_the_state(
     assert woken["peer"] == "127.0.0.1"
     assert woken["boot_id"] == before["boot_id"]  # restored, not started cold
     after = wait_until_direct(client, app)
+    assert act.status()["fast_path"] == "open"
     assert after["boot_id"] == before["boot_id"]
     assert after["hits"] > woken["hits"]  # type: ignore[operator]
 
