@@ -17,7 +17,9 @@ annotations.py); it then gets:
   The holder stays while the app is checkpointed, so the container runtime
   never sees the container's first process exit. CRIU runs there too, as
   the holder's child, so the container also gets the capabilities CRIU
-  needs (CRIU_CAPABILITIES) and unconfined seccomp and AppArmor profiles.
+  needs (CRIU_CAPABILITIES) and unconfined seccomp and AppArmor profiles;
+  those it would not have had otherwise are named in APP_DROP_CAPS_ENV, and
+  the holder takes them from the app (see app_drop_capabilities).
 
 It never half-injects: when the pod cannot be managed safely (a bad
 annotation; a managed container without `command:`, whose image entrypoint
@@ -100,6 +102,33 @@ SIDECAR_CAPABILITIES: Mapping[str, str] = {
     "SYS_PTRACE": "read /proc/PID of the app's processes whatever their uid "
     "(pre-flight before a checkpoint: their open files, io_uring)",
 }
+
+# The capabilities a container has when its securityContext names none:
+# containerd's and Docker's defaults, the largest set in common use (CRI-O's
+# has fewer). The app is given back only what it would have had, and assuming
+# the larger set can only leave it a capability it might not have had on a
+# runtime with fewer, never take one it had.
+RUNTIME_DEFAULT_CAPABILITIES = frozenset(
+    {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    }
+)
+# Tells the holder which capabilities to drop from the app it starts
+# (comma-separated); CRIU, its other child, keeps them.
+APP_DROP_CAPS_ENV = "POD_ACTIVATOR_APP_DROP_CAPS"
 
 # How a kind nests its pod template.
 _TEMPLATE_PATHS: Mapping[str, tuple[str, ...]] = {
@@ -325,10 +354,35 @@ def _hold(container: dict[str, Any]) -> None:
         {"name": SHARED_VOLUME, "mountPath": SHARED_PATH},
     ]
     security = container.setdefault("securityContext", {})
+    env = [e for e in container.get("env") or [] if e.get("name") != APP_DROP_CAPS_ENV]
+    if drop := app_drop_capabilities(security):
+        env.append({"name": APP_DROP_CAPS_ENV, "value": ",".join(drop)})
+    if env:
+        container["env"] = env
     caps = security.setdefault("capabilities", {})
     added = [_cap(c) for c in caps.get("add") or []]
     caps["add"] = [*added, *(c for c in CRIU_CAPABILITIES if c not in added)]
     security.update(_UNCONFINED)
+
+
+def app_drop_capabilities(security: Mapping[str, Any]) -> list[str]:
+    """Which of CRIU's capabilities a container with this (original)
+    securityContext would not have had: it had the runtime's defaults minus
+    its drop (none left with drop: [ALL]), plus its add (every one with
+    add: [ALL]).
+
+    A privileged container has every capability: nothing to drop. (The
+    injection declines privileged containers today; this stays true.)
+    """
+    if security.get("privileged"):
+        return []
+    caps = security.get("capabilities") or {}
+    added = {_cap(c) for c in caps.get("add") or []}
+    dropped = {_cap(c) for c in caps.get("drop") or []}
+    if "ALL" in added:
+        return []
+    had = added | (set() if "ALL" in dropped else RUNTIME_DEFAULT_CAPABILITIES - dropped)
+    return [c for c in CRIU_CAPABILITIES if c not in had]
 
 
 def _cap(name: object) -> str:

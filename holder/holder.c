@@ -30,10 +30,18 @@
  * exit ends the holder only when the sidecar says so (a checkpoint kills the
  * app; that is not the end) or when the container is being stopped
  * (SIGTERM/SIGINT). Written in C, static: it runs in any image.
+ *
+ * CRIU runs here, so the injection gives the container CRIU's capabilities;
+ * those the container would not have had without it are named in
+ * POD_ACTIVATOR_APP_DROP_CAPS (e.g. "SYS_ADMIN,SYS_PTRACE"), and the app
+ * started here loses them (bounding, effective, permitted, inheritable and
+ * ambient sets) just before its exec. CRIU keeps them. A restored app gets
+ * the credentials CRIU dumped, which already lack them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -44,6 +52,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -65,6 +74,19 @@ static int stopping;
 static int sidecar = -1;
 static sigset_t handled;
 
+#define DROP_CAPS_ENV "POD_ACTIVATOR_APP_DROP_CAPS"
+/* Bit N: capability N is taken from the app (DROP_CAPS_ENV). */
+static unsigned long long app_drop;
+static const char *const cap_names[CAP_LAST_CAP + 1] = {
+	"CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+	"SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
+	"NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
+	"SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+	"SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+	"AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
+	"BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+};
+
 static void say(const char *fmt, ...)
 {
 	va_list ap;
@@ -82,15 +104,81 @@ static int exit_code(int status)
 	return WEXITSTATUS(status);
 }
 
+/* Read DROP_CAPS_ENV: comma-separated names, as Kubernetes spells them
+ * ("SYS_ADMIN"; "CAP_SYS_ADMIN" and any case too). A name we do not know is
+ * logged and skipped, and the others are still dropped: refusing to start
+ * would take down an app that runs fine without the drop, which only
+ * hardens it; and the injection writes only names listed here. */
+static void read_app_drop(void)
+{
+	const char *list = getenv(DROP_CAPS_ENV);
+	char *copy = list ? strdup(list) : NULL;
+	char *save = NULL;
+	for (char *name = copy ? strtok_r(copy, ",", &save) : NULL; name;
+	     name = strtok_r(NULL, ",", &save)) {
+		const char *bare = strncasecmp(name, "CAP_", 4) ? name : name + 4;
+		int cap = CAP_LAST_CAP;
+		while (cap >= 0 && strcasecmp(bare, cap_names[cap]))
+			cap--;
+		if (cap < 0)
+			say("%s: unknown capability %s, not dropped: the app keeps it if the "
+			    "container has it", DROP_CAPS_ENV, name);
+		else
+			app_drop |= 1ULL << cap;
+	}
+	free(copy);
+	unsetenv(DROP_CAPS_ENV); /* the app sees the environment it was given */
+}
+
+/* In the app's child, just before its exec: the capabilities CRIU needs but
+ * the app would not have had leave every set. The bounding set first (that
+ * needs CAP_SETPCAP, which may be among those going), then the rest with one
+ * capset. If the kernel refuses, the app starts anyway, with them, and the
+ * log says so: we never keep an app from running. */
+static void drop_app_caps(void)
+{
+	if (!app_drop)
+		return;
+	int failed = 0;
+	for (int cap = 0; cap <= CAP_LAST_CAP; cap++) {
+		if (!(app_drop >> cap & 1))
+			continue;
+		/* EINVAL: a capability this kernel does not have, nothing to drop */
+		if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+			failed = errno;
+		if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0) < 0 && errno != EINVAL)
+			failed = errno;
+	}
+	struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+	if (syscall(SYS_capget, &head, data) < 0) {
+		failed = errno;
+	} else {
+		for (int i = 0; i < _LINUX_CAPABILITY_U32S_3; i++) {
+			__u32 keep = ~(__u32)(app_drop >> (32 * i));
+			data[i].effective &= keep;
+			data[i].permitted &= keep;
+			data[i].inheritable &= keep;
+		}
+		if (syscall(SYS_capset, &head, data) < 0)
+			failed = errno;
+	}
+	if (failed)
+		say("cannot drop %s from the app: %s; it starts with them", DROP_CAPS_ENV,
+		    strerror(failed));
+}
+
 /* Fork a child with the default signal state that runs argv; each fds[i]
- * becomes number targets[i] in it. Every fd of ours is close-on-exec. */
-static pid_t run(char **argv, const int *fds, const int *targets, int nfds, int new_session)
+ * becomes number targets[i] in it. Every fd of ours is close-on-exec. The
+ * app (is_app) gets its own session, its output FIFOs and fewer
+ * capabilities; anything else (CRIU) the container's capabilities. */
+static pid_t run(char **argv, const int *fds, const int *targets, int nfds, int is_app)
 {
 	pid_t pid = fork();
 	if (pid != 0)
 		return pid;
 	sigprocmask(SIG_UNBLOCK, &handled, NULL);
-	if (new_session) {
+	if (is_app) {
 		setsid(); /* the app leads its own session: CRIU dumps a clean tree */
 		for (int i = 0; i < 2; i++) {
 			int fd = out_path[i][0] ? open(out_path[i], O_WRONLY) : -1;
@@ -99,6 +187,7 @@ static pid_t run(char **argv, const int *fds, const int *targets, int nfds, int 
 				close(fd);
 			}
 		}
+		drop_app_caps();
 	} else {
 		/* CRIU: the container's log is for the app (it gets it passed). */
 		int null = open("/dev/null", O_RDWR | O_CLOEXEC);
@@ -322,6 +411,7 @@ int main(int argc, char **argv)
 	if (!name || i + 1 >= argc || strchr(name, '/'))
 		usage();
 	app_argv = argv + i + 1;
+	read_app_drop();
 
 	/* Orphans of the app, and the app CRIU restores, come to us to reap. */
 	prctl(PR_SET_CHILD_SUBREAPER, 1);

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from activator.inject import CRIU_CAPABILITIES, METRICS_PORT
+from activator.inject import (
+    APP_DROP_CAPS_ENV,
+    CRIU_CAPABILITIES,
+    METRICS_PORT,
+    app_drop_capabilities,
+)
 from netns import proc
 from tests.integration.harness import ACTIVATOR, read_events, wait_for_event
 from tests.k8s.runtime import REPO, Containerd, Mount, Pod
@@ -58,6 +63,31 @@ def grantable(capabilities: list[str]) -> list[str]:
         next(line for line in status.splitlines() if line.startswith("CapBnd:")).split()[1], 16
     )
     return [c for c in capabilities if bounding >> _CAP_NUMBERS[c] & 1]
+
+
+def capability_sets(pid: int) -> dict[str, int]:
+    """CapInh, CapPrm, CapEff, CapBnd and CapAmb of a process, as bit sets."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {
+        key: int(value, 16)
+        for key, value in (line.split(":\t") for line in status.splitlines())
+        if key.startswith("Cap")
+    }
+
+
+# What the injection takes from the app of a container without a securityContext.
+APP_DROPPED = app_drop_capabilities({})
+
+
+def assert_app_lacks_criu_capabilities(app: int, holder: int) -> None:
+    """The app lacks the capabilities added for CRIU alone, which the holder
+    (and CRIU, its child) has."""
+    dropped = sum(1 << _CAP_NUMBERS[c] for c in APP_DROPPED)
+    assert capability_sets(holder)["CapEff"] & dropped, "the container lacks them: test is blind"
+    caps = capability_sets(app)
+    for key in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert caps[key] & dropped == 0, f"{key} of the app: {caps[key]:x}"
+    assert caps["CapEff"] & 1 << _CAP_NUMBERS["KILL"], "a default capability was taken"
 
 
 def cgroups(pid: int) -> str:
@@ -171,6 +201,8 @@ def managed_pod(containerd: Containerd, tmp_path: Path) -> Iterator[StartPod]:
                 command=["/pod-activator/bin/holder", "--name", "app", "--", "/counter"],
                 mounts=[Mount(managed.shared, "/pod-activator")],
                 capabilities=grantable(list(CRIU_CAPABILITIES)),
+                # as the injection sets it for a container without a securityContext
+                env={APP_DROP_CAPS_ENV: ",".join(APP_DROPPED)},
             )
         )
         return managed
@@ -186,11 +218,14 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
 ) -> None:
     """Three cycles: the counter's memory survives, containerd reports the app
     container running throughout, its first process (the holder) never
-    exits, and the app's output after each wake reaches the container log."""
+    exits, and the app's output after each wake reaches the container log.
+    The app, started cold or restored, lacks the capabilities only CRIU needs."""
     managed = managed_pod(MANAGED)
     managed.wait_for("running", timeout=START_TIMEOUT)
     holder = proc.Process.of(managed.pod.containers["app"].pid)
     assert holder is not None
+    (cold,) = proc.children_of(holder.pid)
+    assert_app_lacks_criu_capabilities(cold, holder.pid)
     count, boot = managed.get()
     for _ in range(3):
         mark = managed.mark()
@@ -206,6 +241,7 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
         # Restored inside the container: the holder's child, in its cgroups.
         (app,) = proc.children_of(holder.pid)
         assert cgroups(app) == cgroups(holder.pid)
+        assert_app_lacks_criu_capabilities(app, holder.pid)  # CRIU gave back what it dumped
     deadline = time.monotonic() + 10
     while f"request {count}" not in managed.pod.log_messages("app"):
         assert time.monotonic() < deadline, managed.pod.log_messages("app")[-5:]

@@ -85,6 +85,12 @@ def sidecar(spec: dict[str, Any]) -> dict[str, Any]:
 # -- the contract ------------------------------------------------------------
 
 
+# CRIU's capabilities that are not among the runtime's defaults.
+BEYOND_DEFAULTS = (
+    "CHECKPOINT_RESTORE,SYS_PTRACE,SYS_ADMIN,SYS_RESOURCE,NET_ADMIN,DAC_READ_SEARCH,SYS_TIME"
+)
+
+
 def test_the_injected_pod() -> None:
     result = inject(pod(), Options(image="pod-activator:9.9", metrics_port=9464))
     assert result.status is Status.INJECTED
@@ -117,6 +123,8 @@ def test_the_injected_pod() -> None:
         "seccompProfile": {"type": "Unconfined"},
         "appArmorProfile": {"type": "Unconfined"},
     }
+    # ... and the holder takes from the app what only CRIU needs
+    assert web["env"] == [{"name": "POD_ACTIVATOR_APP_DROP_CAPS", "value": BEYOND_DEFAULTS}]
     assert log == {"name": "log", "image": "log:1"}  # not managed: untouched
 
     side = sidecar(spec)
@@ -236,6 +244,59 @@ def test_a_managed_containers_own_capabilities_are_kept() -> None:
     }
     assert security["readOnlyRootFilesystem"] is True
     assert security["seccompProfile"] == {"type": "Unconfined"}
+    # drop: [ALL]: the app keeps only what it added, NET_ADMIN among CRIU's
+    assert web["env"] == [
+        {
+            "name": "POD_ACTIVATOR_APP_DROP_CAPS",
+            "value": ",".join(c for c in inj.CRIU_CAPABILITIES if c != "NET_ADMIN"),
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("security", "dropped"),
+    [
+        ({}, BEYOND_DEFAULTS.split(",")),
+        ({"capabilities": {}}, BEYOND_DEFAULTS.split(",")),
+        # drops of defaults CRIU does not need change nothing here
+        ({"capabilities": {"drop": ["NET_RAW", "MKNOD"]}}, BEYOND_DEFAULTS.split(",")),
+        ({"capabilities": {"drop": ["ALL"]}}, list(inj.CRIU_CAPABILITIES)),
+        ({"capabilities": {"drop": ["all"]}}, list(inj.CRIU_CAPABILITIES)),
+        (
+            {"capabilities": {"add": ["sys_ptrace", "CAP_SYS_TIME", "IPC_LOCK"]}},
+            ["CHECKPOINT_RESTORE", "SYS_ADMIN", "SYS_RESOURCE", "NET_ADMIN", "DAC_READ_SEARCH"],
+        ),
+        (
+            {"capabilities": {"drop": ["ALL"], "add": ["KILL", "SYS_ADMIN"]}},
+            [c for c in inj.CRIU_CAPABILITIES if c not in ("KILL", "SYS_ADMIN")],
+        ),
+        ({"capabilities": {"add": ["ALL"]}}, []),
+        ({"privileged": True}, []),
+        ({"privileged": True, "capabilities": {"drop": ["ALL"]}}, []),
+    ],
+)
+def test_the_app_loses_only_what_it_would_not_have_had(
+    security: dict[str, Any], dropped: list[str]
+) -> None:
+    """The original set is the runtime's default set (containerd's, the
+    largest) minus the container's drop, plus its add."""
+    assert inj.app_drop_capabilities(security) == dropped
+
+
+def test_nothing_to_drop_means_no_variable_and_the_apps_own_env_is_kept() -> None:
+    p = pod()
+    web = p["spec"]["containers"][0]
+    web["securityContext"] = {"capabilities": {"add": ["ALL"]}}
+    web["env"] = [
+        {"name": "A", "value": "1"},
+        {"name": "POD_ACTIVATOR_APP_DROP_CAPS", "value": "KILL"},
+    ]
+    assert inject(p).manifest["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
+    del web["securityContext"]
+    assert inject(p).manifest["spec"]["containers"][0]["env"] == [
+        {"name": "A", "value": "1"},
+        {"name": "POD_ACTIVATOR_APP_DROP_CAPS", "value": BEYOND_DEFAULTS},
+    ]
 
 
 def test_zeropods_runtime_class_is_replaced() -> None:
