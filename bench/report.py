@@ -18,12 +18,13 @@ TARGETS = {
     "transfer": 0.9,  # activator / direct throughput
     "fast_path_rps": 0.97,  # fast path / direct requests/s
     "density_mib": 60.0,  # the activator with 100 scaled-down pods
+    "lazy": 2.0,  # lazy wake at the biggest size / lazy wake at the smallest
 }
 
 
 def load(directory: Path) -> dict[str, dict[str, Any]]:
     found = {}
-    for name in ("wake_checkpoint", "wake_timeline", "proxy", "density"):
+    for name in ("wake_checkpoint", "wake_timeline", "proxy", "density", "lazy"):
         path = directory / f"{name}.json"
         if path.exists():
             found[name] = json.loads(path.read_text())
@@ -443,6 +444,18 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                     yes(med(r) >= TARGETS["fast_path_rps"]),
                 ]
             )
+    if lz := results.get("lazy"):
+        sizes = sorted(int(k.split("-")[1]) for k in lz["summary"] if k.startswith("lazy-"))
+        small, big = (lz["summary"][f"lazy-{x}"]["wake_ms"] for x in (sizes[0], sizes[-1]))
+        rows.append(
+            [
+                f"lazy wake at {sizes[-1]} MiB <= 2x lazy wake at {sizes[0]} MiB "
+                "(`--lazy-restore`; lazy.md)",
+                f"{med(big) / med(small):.2f}x",
+                f"{med(big):.1f} vs {med(small):.1f} ms",
+                yes(med(big) / med(small) <= TARGETS["lazy"]),
+            ]
+        )
     if dn:
         mem = dn["summary"]["memory"]
         top = max(int(k.split("/")[0]) for k in mem)
