@@ -473,6 +473,8 @@ class PodDriver:
     async def _open_direct_path(self) -> None:
         assert isinstance(self.sandbox, DirectPathSandbox)
         async with self._direct_switch:
+            if self._stopping:
+                return
             detection = self._probe_detection()  # probes still come to us
             redirected = detection.sources if detection is not None else ()
             await self.sandbox.switch_direct_path(self._shadow_ports, redirected)
@@ -500,11 +502,18 @@ class PodDriver:
         assert isinstance(self.sandbox, DirectPathSandbox)
         async with self._direct_switch:
             self._stop_watching_direct_traffic()
+            if self._stopping:
+                return
             await self.sandbox.switch_direct_path(self._shadow_ports, None)
             await asyncio.sleep(REDIRECT_SETTLE)
             opened = await self._directly_opened()
             open_now = await self.sandbox.open_connections(self.config.ports)
             self.feed(e.DirectPathClosed(self._loop.time(), open=open_now, opened=opened))
+
+    @property
+    def _stopping(self) -> bool:
+        """The pod is being removed: its namespace and table are going away."""
+        return self.lifecycle.phase in (Phase.STOPPING, Phase.STOPPED)
 
     def _stop_watching_direct_traffic(self) -> None:
         if self._direct_watch is not None:

@@ -385,9 +385,12 @@ def test_a_damaged_image_falls_back_to_a_cold_start_and_the_pod_recovers(
     assert ev.get("previous") == "restoring"
 
 
+@pytest.mark.parametrize("flags", [(), ("--fast-path",)], ids=["", "fast-path"])
 @pytest.mark.parametrize("phase", ["running", "scaled-down"])
-def test_sigterm_leaves_nothing_of_the_pod(activator: StartActivator, phase: str) -> None:
-    act = activator(scaledown_after="1s" if phase == "scaled-down" else "10m")
+def test_sigterm_leaves_nothing_of_the_pod(
+    activator: StartActivator, phase: str, flags: tuple[str, ...]
+) -> None:
+    act = activator(scaledown_after="1s" if phase == "scaled-down" else "10m", flags=flags)
     address = act.address()
     get_state(address)
     if phase == "scaled-down":
@@ -424,6 +427,7 @@ def test_sigterm_leaves_nothing_of_the_pod(activator: StartActivator, phase: str
     assert not [p.pid for p in processes if p.alive()], "processes of the pod left"
     assert not ns_members("net", net_ns), "processes left in the pod's network namespace"
     assert not ns_members("pid", pid_ns), "processes left in the pod's pid namespace"
+    assert "internal error" not in act.log_path.read_text(), act.log_tail()
 
 
 @pytest.mark.parametrize("origin", ["cold-started", "restored"])
