@@ -353,7 +353,7 @@ def _status(as_json: bool) -> int:
                 p["name"],
                 p["address"],
                 ",".join(map(str, p["ports"])),
-                p["phase"],
+                p["phase"] + (" (fast path)" if p.get("fast_path") == "open" else ""),
                 f"{time.time() - p['since']:.0f}s ago",
                 str(p["open_connections"] + p["held_connections"]),
                 _num(p["last_checkpoint_ms"]),
