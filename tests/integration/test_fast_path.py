@@ -128,6 +128,8 @@ def test_direct_connections_are_counted_and_a_wake_keeps_the_state(
     assert woken["boot_id"] == before["boot_id"]  # restored, not started cold
     after = wait_until_direct(client, app)
     assert act.status()["fast_path"] == "open"
+    (row,) = [line for line in cli("status").stdout.splitlines() if line.startswith(act.name)]
+    assert "running (fast path)" in row, row
     assert after["boot_id"] == before["boot_id"]
     assert after["hits"] > woken["hits"]  # type: ignore[operator]
 
