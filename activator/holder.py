@@ -59,6 +59,10 @@ class Holder:
         self.closed.clear()
         loop.add_reader(sock.fileno(), self._readable)
 
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
     def _readable(self) -> None:
         assert self._sock is not None
         try:

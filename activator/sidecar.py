@@ -27,6 +27,7 @@ import socket
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -131,6 +132,15 @@ class PodRedirects:
             await self.thread.acall(self.redirector.remove)
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """A container a previous sidecar managed, with no app running: the driver
+    takes its image (see PodDriver._adopt). The container and its namespaces
+    are untouched by a sidecar's end, so nothing else needs taking back."""
+
+    app_pid: None = None  # the driver checkpoints a running app in place; none runs
+
+
 class ContainerSandbox:
     """One app container of the pod we are the sidecar of."""
 
@@ -148,14 +158,42 @@ class ContainerSandbox:
         self._managed = False
         self.criu_launcher = HolderLauncher(self.holder, shared)
 
-    async def leftover(self) -> None:
-        return None  # re-adoption by a restarted sidecar: not yet (see README)
+    async def leftover(self) -> Leftover | None:
+        """What a previous sidecar left of this container: a Leftover when no
+        app runs (the driver then takes a complete image from the state dir,
+        or starts cold), None when one runs (it is watched as it runs) or no
+        holder listens yet (our first start: its container starts after us).
 
-    async def remove_leftover(self, leftover: object) -> None:
-        pass
+        Called once the CRIU a previous sidecar left running has ended (the
+        driver waits for it first): an app it restored but could not hand to
+        the holder is the holder's only child, and is handed over now.
+        """
+        try:
+            await self.holder.connect(0)
+        except HolderError:
+            return None
+        self._managed = True
+        if await self.holder.manage():
+            return None  # spawn_app's `start` returns it
+        assert self.holder.pid is not None
+        children = proc.children_of(self.holder.pid)
+        if len(children) > 1:
+            raise HolderError(
+                f"container {self.name}: no app, but the holder has {len(children)} "
+                f"children ({children}), left by a previous sidecar: restart the container"
+            )
+        if children:
+            log.warning("container %s: taking the app the last sidecar restored", self.name)
+            await self.holder.adopt(children[0])
+            return None
+        return Leftover()
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        pass  # the container stays as it is: only the image was left to take
 
     async def create(self) -> None:
-        await self.holder.connect(HOLDER_WAIT)
+        if not self.holder.connected:
+            await self.holder.connect(HOLDER_WAIT)
 
     async def socket(self) -> socket.socket:
         return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -164,7 +202,8 @@ class ContainerSandbox:
         await self.redirects.set(self.name, shadow_ports)
 
     async def spawn_app(self, command: tuple[str, ...]) -> int:
-        """The first time, the app the holder started; later, a cold start by it."""
+        """The app the holder runs (it started it, or a previous sidecar
+        restored it), else a cold start by the holder."""
         try:
             if not self._managed:
                 self._managed = True

@@ -94,6 +94,39 @@ def cgroups(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text()
 
 
+def run_sidecar(pod: Pod, workdir: Path) -> subprocess.Popen[bytes]:
+    """The activator's sidecar as its container would run it, joined to `pod`;
+    its log goes on after an earlier one's."""
+    with open(workdir / "sidecar.log", "ab") as log:
+        return subprocess.Popen(
+            [
+                *pod.nsenter(),
+                "unshare",
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "--",
+                # A /run of its own, as its container would have: its
+                # control socket stays out of the host's.
+                "sh",
+                "-c",
+                'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"',
+                "sidecar",
+                ACTIVATOR,
+                "sidecar",
+                "--podinfo",
+                str(workdir / "podinfo"),
+                "--shared",
+                str(workdir / "shared"),
+                "--events",
+                str(workdir / "events.jsonl"),
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @dataclass
 class ManagedPod:
     pod: Pod
@@ -135,6 +168,16 @@ class ManagedPod:
             os.kill(pid, signal.SIGTERM)
         return self.sidecar.wait(30)
 
+    def crash_sidecar(self) -> None:
+        """SIGKILL the activator, as a crash or an OOM kill would end it."""
+        (activator,) = proc.children_of(self.sidecar.pid)
+        os.kill(activator, signal.SIGKILL)
+        self.sidecar.wait(30)
+
+    def restart_sidecar(self) -> None:
+        """What kubelet does after the sidecar's container ended."""
+        self.sidecar = run_sidecar(self.pod, self.workdir)
+
 
 StartPod = Callable[..., ManagedPod]
 
@@ -159,41 +202,13 @@ def managed_pod(containerd: Containerd, tmp_path: Path) -> Iterator[StartPod]:
             "".join(f"{k}={json.dumps(v)}\n" for k, v in sorted(annotations.items()))
         )
         pod = containerd.run_pod(name, (), annotations=annotations)
-        with open(workdir / "sidecar.log", "wb") as log:
-            sidecar = subprocess.Popen(
-                [
-                    *pod.nsenter(),
-                    "unshare",
-                    "--mount-proc",
-                    "--propagation",
-                    "private",
-                    "--",
-                    # A /run of its own, as its container would have: its
-                    # control socket stays out of the host's.
-                    "sh",
-                    "-c",
-                    'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"',
-                    "sidecar",
-                    ACTIVATOR,
-                    "sidecar",
-                    "--podinfo",
-                    str(workdir / "podinfo"),
-                    "--shared",
-                    str(workdir / "shared"),
-                    "--events",
-                    str(workdir / "events.jsonl"),
-                ],
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        managed = ManagedPod(pod, sidecar, workdir)
+        managed = ManagedPod(pod, run_sidecar(pod, workdir), workdir)
         made.append(managed)
         # A native sidecar is started (its startup probe: the holder is in
         # place) before the app containers.
         deadline = time.monotonic() + START_TIMEOUT
         while not (managed.shared / "bin" / "holder").exists():
-            assert sidecar.poll() is None, managed.sidecar_log()
+            assert managed.sidecar.poll() is None, managed.sidecar_log()
             assert time.monotonic() < deadline, "the sidecar did not install the holder"
             time.sleep(0.05)
         pod.start_container(
@@ -311,3 +326,77 @@ def test_stopping_the_pod_as_kubelet_does_leaves_nothing(managed_pod: StartPod) 
     managed.pod.stop(grace=1)
     assert managed.pod.leftovers() == []
     assert os.path.exists(managed.shared / "bin" / "holder")  # the volume is kubelet's to remove
+
+
+def test_a_restarted_sidecar_takes_back_a_scaled_down_app_with_its_state(
+    managed_pod: StartPod,
+) -> None:
+    """The sidecar dies (SIGKILL) while the app is checkpointed; the next one
+    finds the holder with no app and the image in the shared volume: the pod
+    comes back scaled down, and the next connection restores the same memory."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    count, boot = managed.get()
+    managed.wait_for("scaled-down", after=managed.mark())
+    managed.crash_sidecar()
+    assert (managed.shared / "state" / "app" / "images").is_dir(), "no image: test is blind"
+    back = managed.mark()
+    managed.restart_sidecar()
+    adopted = managed.wait_for("scaled-down", after=back, timeout=START_TIMEOUT)
+    assert adopted.get("previous") == "created"
+    assert proc.children_of(holder.pid) == [], "the app was started cold"
+    woke = managed.mark()
+    assert managed.get() == (count + 1, boot), "the app's memory was lost"
+    assert managed.wait_for("running", after=woke).get("previous") == "restoring"
+    assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
+    # The app the new sidecar restored is managed as before: it scales down and wakes.
+    managed.wait_for("scaled-down", after=managed.mark())
+    assert managed.get() == (count + 2, boot)
+
+
+def test_a_restarted_sidecar_takes_back_a_running_app_as_it_runs(
+    managed_pod: StartPod,
+) -> None:
+    """The sidecar dies while the app runs; the next one watches that app (no
+    cold start, no checkpoint on the way in), then scales it down and wakes it."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    count, boot = managed.get()
+    managed.crash_sidecar()
+    back = managed.mark()
+    managed.restart_sidecar()
+    managed.wait_for("running", after=back, timeout=START_TIMEOUT)
+    # A checkpoint the dead sidecar began (its idle time is short) kept the
+    # state too; the app is then a restored one.
+    assert managed.get() == (count + 1, boot), "the app restarted cold"
+    managed.wait_for("scaled-down", after=managed.mark())
+    assert proc.children_of(holder.pid) == []
+    woke = managed.mark()
+    assert managed.get() == (count + 2, boot)
+    assert managed.wait_for("running", after=woke).get("previous") == "restoring"
+
+
+def test_a_sidecar_killed_while_criu_checkpoints_loses_no_state(managed_pod: StartPod) -> None:
+    """SIGKILL as soon as the journal names the checkpoint's CRIU (the holder's
+    child, in the pod's pid namespace, which the next sidecar shares). Where
+    the kill lands varies: before CRIU touched the app (it runs on and is
+    watched), or during or after the dump (the image is taken); none may lose
+    the counter's memory."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    count, boot = managed.get()
+    state = managed.shared / "state" / "app"
+    deadline = time.monotonic() + START_TIMEOUT
+    # Or its image, if the whole checkpoint went by between two looks.
+    while not ((state / "operation.json").exists() or (state / "images").exists()):
+        assert time.monotonic() < deadline, f"no checkpoint began\n{managed.sidecar_log()}"
+        time.sleep(0.001)
+    managed.crash_sidecar()
+    back = managed.mark()
+    managed.restart_sidecar()
+    managed.wait_for("scaled-down", after=back, timeout=START_TIMEOUT)
+    assert managed.get() == (count + 1, boot), "the app's memory was lost"

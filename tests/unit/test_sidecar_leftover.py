@@ -1,0 +1,108 @@
+"""What a restarted sidecar finds of its container, as the holder answers it.
+
+The holder here is a stand-in on a real socket (its protocol: holder/holder.c);
+the processes it "holds" are this test's own children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from activator.config import PodConfig
+from activator.holder import HolderError
+from activator.sidecar import ContainerSandbox, Leftover
+
+
+class FakeHolder:
+    """Answers `manage` with `app_pid` and records every request."""
+
+    def __init__(self, path: Path, app_pid: int) -> None:
+        self.app_pid = app_pid
+        self.requests: list[list[str]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.listener.setblocking(False)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(self.listener)
+        with conn:
+            while request := (await loop.sock_recv(conn, 4096)).decode().split("\0"):
+                self.requests.append(request)
+                if request[0] == "adopt":
+                    self.app_pid = int(request[1])
+                await loop.sock_sendall(conn, f"app {self.app_pid}".encode())
+
+
+@contextmanager
+def children(n: int) -> Iterator[list[int]]:
+    """`n` processes of ours, as the holder's children would be."""
+    made = [subprocess.Popen(["sleep", "60"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in made]
+    finally:
+        for p in made:
+            p.kill()
+            p.wait()
+
+
+def sandbox(shared: Path) -> ContainerSandbox:
+    config = PodConfig(name="app", ports=(8080,), command=())
+    return ContainerSandbox(config, shared, None, ("10.0.0.2", "10.0.0.1"))  # type: ignore[arg-type]
+
+
+def leftover_with(shared: Path, app_pid: int) -> tuple[object, FakeHolder, ContainerSandbox]:
+    async def scenario() -> tuple[object, FakeHolder, ContainerSandbox]:
+        holder = FakeHolder(shared / "run" / "app.sock", app_pid)
+        serving = asyncio.ensure_future(holder.serve())
+        container = sandbox(shared)
+        try:
+            return await container.leftover(), holder, container
+        finally:
+            container.holder.close()
+            serving.cancel()
+            holder.listener.close()
+
+    return asyncio.run(scenario())
+
+
+def test_no_holder_yet_is_a_first_start(tmp_path: Path) -> None:
+    async def scenario() -> object:
+        return await sandbox(tmp_path).leftover()
+
+    assert asyncio.run(scenario()) is None
+
+
+def test_a_running_app_is_left_to_run(tmp_path: Path) -> None:
+    found, holder, container = leftover_with(tmp_path, 4242)
+    assert found is None
+    assert holder.requests == [["manage"]]
+    assert container._managed  # spawn_app asks the holder for it, not to manage it again
+
+
+def test_no_app_is_a_leftover_for_the_image(tmp_path: Path) -> None:
+    with children(0):
+        found, holder, _ = leftover_with(tmp_path, 0)
+    assert found == Leftover()
+    assert holder.requests == [["manage"]]
+
+
+def test_an_app_restored_but_not_handed_over_goes_to_the_holder(tmp_path: Path) -> None:
+    with children(1) as (restored,):
+        found, holder, _ = leftover_with(tmp_path, 0)
+    assert found is None
+    assert holder.requests == [["manage"], ["adopt", str(restored)]]
+
+
+def test_more_than_one_child_without_an_app_is_an_error(tmp_path: Path) -> None:
+    with children(2), pytest.raises(HolderError, match="2 children"):
+        leftover_with(tmp_path, 0)
