@@ -203,6 +203,10 @@ class PodDriver:
         """
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # the images hold the app's memory
+        # Images a killed activator restored from but had not deleted yet: this
+        # driver's names for them start again at 1.
+        for restored in self.state_dir.glob("images.restored-*"):
+            shutil.rmtree(restored, ignore_errors=True)
         adopted = False
         pending = self.journal.pending()
         if pending is not None and pending.criu is not None:

@@ -98,3 +98,21 @@ def test_stop_ends_the_app_and_removes_everything(tmp_path: Path) -> None:
             os.kill(pid, 0)
 
     run(tmp_path, scenario)
+
+
+def test_an_image_a_killed_activator_had_not_deleted_yet_is_no_obstacle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed activator's images.restored-1 is in the state dir: this driver's
+    first wake renames its image to that same name."""
+    left = tmp_path / "t" / "images.restored-1"
+    left.mkdir(parents=True)
+    (left / "pages-1.img").write_bytes(b"the old app's memory")
+
+    async def scenario(harness: Harness) -> None:
+        await until(lambda: harness.pod.lifecycle.phase is Phase.SCALED_DOWN)
+        assert (await get(harness.shadow_port)).startswith(b"HTTP/1.1 200 OK")
+        await until(lambda: not any(harness.pod.state_dir.glob("images.restored-*")))
+
+    run(tmp_path, scenario)
+    assert "internal error" not in caplog.text
