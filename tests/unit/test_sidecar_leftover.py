@@ -18,6 +18,7 @@ import pytest
 from activator.config import PodConfig
 from activator.holder import HolderError
 from activator.sidecar import ContainerSandbox, Leftover
+from netns import proc
 
 
 class FakeHolder:
@@ -44,11 +45,15 @@ class FakeHolder:
 
 
 @contextmanager
-def children(n: int) -> Iterator[list[int]]:
-    """`n` processes of ours, as the holder's children would be."""
+def children(n: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """`n` processes of ours, as the holder's children would be. Only they
+    count: this test process has others too (helpers other tests started)."""
     made = [subprocess.Popen(["sleep", "60"]) for _ in range(n)]
+    pids = [p.pid for p in made]
+    everyone = proc.children_of
+    monkeypatch.setattr(proc, "children_of", lambda pid: [c for c in everyone(pid) if c in pids])
     try:
-        yield [p.pid for p in made]
+        yield pids
     finally:
         for p in made:
             p.kill()
@@ -89,20 +94,26 @@ def test_a_running_app_is_left_to_run(tmp_path: Path) -> None:
     assert container._managed  # spawn_app asks the holder for it, not to manage it again
 
 
-def test_no_app_is_a_leftover_for_the_image(tmp_path: Path) -> None:
-    with children(0):
+def test_no_app_is_a_leftover_for_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with children(0, monkeypatch):
         found, holder, _ = leftover_with(tmp_path, 0)
     assert found == Leftover()
     assert holder.requests == [["manage"]]
 
 
-def test_an_app_restored_but_not_handed_over_goes_to_the_holder(tmp_path: Path) -> None:
-    with children(1) as (restored,):
+def test_an_app_restored_but_not_handed_over_goes_to_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with children(1, monkeypatch) as (restored,):
         found, holder, _ = leftover_with(tmp_path, 0)
     assert found is None
     assert holder.requests == [["manage"], ["adopt", str(restored)]]
 
 
-def test_more_than_one_child_without_an_app_is_an_error(tmp_path: Path) -> None:
-    with children(2), pytest.raises(HolderError, match="2 children"):
+def test_more_than_one_child_without_an_app_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with children(2, monkeypatch), pytest.raises(HolderError, match="2 children"):
         leftover_with(tmp_path, 0)
