@@ -64,9 +64,9 @@ def _table() -> _Json:
     return {"family": _FAMILY, "name": TABLE}
 
 
-def _table_of() -> _Json:
-    """How an object of the table (a counter) names its table."""
-    return {"family": _FAMILY, "table": TABLE}
+def _counter() -> _Json:
+    """The fast path's counter, as a table object."""
+    return {"family": _FAMILY, "table": TABLE, "name": COUNTER}
 
 
 def _check_port(port: object, what: str) -> int:
@@ -151,7 +151,7 @@ def install_batch(
             {"delete": {"table": _table()}},
             {"add": {"table": _table()}},
             {"add": {"chain": chain}},
-            {"add": {"counter": {**_table_of(), "name": COUNTER}}},
+            {"add": {"counter": _counter()}},
             *_redirect_rules(redirects, direct_except),
         ]
     }
@@ -227,7 +227,7 @@ class Redirector:
         """How many connections the fast path let through since the table was made."""
         listing = self._run(
             "read the fast path's counter",
-            {"nftables": [{"list": {"counter": {**_table_of(), "name": COUNTER}}}]},
+            {"nftables": [{"list": {"counter": _counter()}}]},
         )
         for item in listing.get("nftables", []):
             if "counter" in item:
