@@ -401,10 +401,11 @@ class PodDriver:
             case _:
                 assert_never(command)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -483,10 +484,9 @@ class PodDriver:
             redirected = detection.sources if detection is not None else ()
             await self.sandbox.switch_direct_path(self._shadow_ports, redirected)
             self._direct_counted = await self.sandbox.direct_connections()
-            self._direct_watch = asyncio.ensure_future(self._watch_direct_traffic())
             # A failed look is logged; the path then stays open and the pod up
             # (the close before a checkpoint must look again and succeed).
-            self._direct_watch.add_done_callback(self._task_done)
+            self._direct_watch = self._spawn(self._watch_direct_traffic())
 
     async def _watch_direct_traffic(self) -> None:
         every = min(DIRECT_TRAFFIC_EVERY, self.config.scaledown_after / 4)
