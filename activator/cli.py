@@ -20,6 +20,7 @@ from activator.criu import CriuError, CriuOptions
 from netns.errors import NetnsError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/pod-activator/pods")
+DEFAULT_CRIU_SPARES = 8
 
 
 class UsageError(Exception):
@@ -192,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="end a checkpoint or restore that takes longer (default 2m)",
     )
     run.add_argument(
-        "--criu-ahead",
-        action="store_true",
-        help="keep a CRIU started ahead for each pod's next checkpoint or restore: "
-        "its start-up (a few ms) leaves the wake's path; about 1 MiB per pod",
+        "--criu-spares",
+        metavar="N",
+        type=_spare_count,
+        default=DEFAULT_CRIU_SPARES,
+        help="how many pods keep a CRIU started ahead of their next checkpoint or "
+        "restore, taking its start-up (a few ms) off the wake's path; each costs "
+        f"about 1 MiB; the pods that cycled last keep theirs (default {DEFAULT_CRIU_SPARES}; "
+        "0: none)",
     )
 
     add = sub.add_parser(
@@ -260,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert config is not None
             from activator.runtime import serve
 
-            options = CriuOptions(timeout=criu_timeout, start_ahead=args.criu_ahead)
+            options = CriuOptions(timeout=criu_timeout, spares=args.criu_spares)
             return _serve(args, lambda events: serve([config], args.state_dir, events, options))
         if args.cmd == "sidecar":
             from activator import sidecar
@@ -284,6 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ControlError, CriuError, NetnsError) as exc:
         print(f"activator: {exc}", file=sys.stderr)
         return 1
+
+
+def _spare_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a count: give a whole number, e.g. 8 (0: none)"
+        )
+    return int(text)
 
 
 def _duration(text: str, flag: str) -> float:

@@ -4,7 +4,8 @@ We start `criu swrk FD` ourselves, with exactly the fds a call needs at the
 same numbers (`inherit_fd` names CRIU's own fds), and speak the RPC on its
 socket: one protobuf message (pycriu's rpc_pb2) per SEQPACKET message each way.
 A pod's CRIU can start its next `criu swrk` ahead of the call (`ahead`), so
-that CRIU's own start-up is off the wake's and the checkpoint's path.
+that CRIU's own start-up is off the wake's and the checkpoint's path; the pods
+of one activator keep at most `CriuOptions.spares` of those at a time.
 
 What lies outside the dumped tree is external and must be given back at
 restore: the pod's namespaces (kept by its pause process) and the pipe the app
@@ -108,8 +109,9 @@ class CriuOptions:
     log_level: int = 2
     # How long one dump or restore may take before CRIU is ended.
     timeout: float = 120.0
-    # Start each pod's next `criu swrk` ahead of its call (see Criu.ahead).
-    start_ahead: bool = False
+    # How many pods keep their next call's `criu swrk` started ahead of it
+    # (see Criu.ahead): each is an idle CRIU, about 1 MiB of the node's memory.
+    spares: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -254,22 +256,27 @@ class Criu:
         self.options = options or CriuOptions()
         self.launcher = launcher or LocalLauncher(binary)
         self._spare: _Spare | None = None
+        self._spares = _Spares(self.options.spares)
 
     def using(self, launcher: Launcher) -> Criu:
         """The same CRIU, started by `launcher`."""
-        return Criu(self.binary, self.options, launcher)
+        return self._copy(launcher)
+
+    def _copy(self, launcher: Launcher) -> Criu:
+        criu = Criu(self.binary, self.options, launcher)
+        criu._spares = self._spares  # one limit for all the activator's pods
+        return criu
 
     def ahead(self) -> Criu:
         """The same CRIU for one pod, which starts the `criu swrk` of the pod's
         next call ahead of it (a dump after a restore, a restore after a dump),
         so that CRIU's start-up (fork, exec, loading) is off the wake's path.
-        From the pod's second call on; it costs an idle CRIU process per pod
-        (about 1 MiB of its own memory). Call from the event loop; close() ends
-        the spare."""
+        From the pod's second call on, while fewer than `options.spares` other
+        pods hold one. Call from the event loop; close() ends the spare."""
         import asyncio  # here: a CRIU without a pod (the CLI, adoption) needs no loop
 
-        criu = Criu(self.binary, self.options, self.launcher)
-        criu._spare = _Spare(criu, asyncio.get_running_loop())
+        criu = self._copy(self.launcher)
+        criu._spare = _Spare(criu, self._spares, asyncio.get_running_loop())
         return criu
 
     def close(self) -> None:
@@ -451,6 +458,39 @@ def _why(response: Any) -> str:
     return "see its log"
 
 
+class _Spares:
+    """The spares of one activator's pods, at most `limit` at a time: a new
+    one ends the spare held longest, so the pods that cycled last keep
+    theirs (the likeliest to cycle again soon). A place is taken before the
+    swrk is started, so that a burst of calls (many pods scaled down at
+    once) starts few more than `limit`. Its lock guards every spare."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self._holders: dict[_Spare, None] = {}  # the oldest first
+
+    def admit(self, spare: _Spare) -> list[_Swrk]:
+        """Give `spare` a place; the swrks this ends (lock held)."""
+        self._holders.pop(spare, None)
+        self._holders[spare] = None
+        ended = []
+        while len(self._holders) > self.limit:
+            oldest = next(iter(self._holders))
+            del self._holders[oldest]
+            if oldest._swrk is not None:
+                ended.append(oldest._swrk)
+                oldest._swrk = None
+        return ended
+
+    def release(self, spare: _Spare) -> None:
+        """`spare` gives up its place (lock held)."""
+        self._holders.pop(spare, None)
+
+    def placed(self, spare: _Spare) -> bool:
+        return spare in self._holders
+
+
 class _Spare:
     """One `criu swrk` started ahead of a pod's next call, off the wake's path.
 
@@ -458,47 +498,61 @@ class _Spare:
     SPARE_AFTER later in a worker thread (a launcher may block), unless
     another call came first, which then started its own."""
 
-    def __init__(self, criu: Criu, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, criu: Criu, spares: _Spares, loop: asyncio.AbstractEventLoop) -> None:
         self.criu = criu
+        self.spares = spares
         self.loop = loop
-        self._lock = threading.Lock()
         self._swrk: _Swrk | None = None
         self._calls = 0  # prepared spares of earlier calls are stale
         self._closed = False
 
     def take(self, holds: tuple[Any, ...]) -> _Swrk | None:
-        with self._lock:
+        with self.spares.lock:
             self._calls += 1
             swrk, self._swrk = self._swrk, None
+            self.spares.release(self)
         if swrk is not None and swrk.holds != holds:
             swrk.end()
             return None
         return swrk
 
     def prepare(self, needs: Externals | None) -> None:
-        with self._lock:
+        with self.spares.lock:
             calls = self._calls
         self.loop.call_soon_threadsafe(self.loop.call_later, SPARE_AFTER, self._start, calls, needs)
 
     def close(self) -> None:
-        with self._lock:
+        with self.spares.lock:
             self._closed = True
             swrk, self._swrk = self._swrk, None
+            self.spares.release(self)
         if swrk is not None:
             swrk.end()
 
     def _start(self, calls: int, needs: Externals | None) -> None:
-        if not self._closed and calls == self._calls:
-            self.loop.run_in_executor(None, self._make, calls, needs)
+        with self.spares.lock:
+            if self._closed or calls != self._calls:
+                return
+            ended = self.spares.admit(self)
+        for other in ended:
+            other.end()
+        self.loop.run_in_executor(None, self._make, calls, needs)
+
+    def _wanted(self, calls: int) -> bool:
+        """Still no call since, and still a place (lock held)."""
+        return not self._closed and calls == self._calls and self.spares.placed(self)
 
     def _make(self, calls: int, needs: Externals | None) -> None:
+        with self.spares.lock:
+            if not self._wanted(calls):
+                return  # its place went to a later spare before it started
         try:
             swrk = self.criu._spawn(needs)
         except (CriuError, OSError) as exc:  # the next call starts its own, and says why
             log.debug("no spare criu swrk: %s", exc)
             return
-        with self._lock:
-            kept = not self._closed and calls == self._calls and self._swrk is None
+        with self.spares.lock:
+            kept = self._wanted(calls) and self._swrk is None
             if kept:
                 self._swrk = swrk
         if not kept:

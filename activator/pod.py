@@ -172,7 +172,7 @@ class PodDriver:
                 f"pod {config.name}: the fast path is for local pods only (not yet in a "
                 "sidecar): remove the fast-path setting"
             )
-        if self.criu.options.start_ahead:
+        if self.criu.options.spares:
             self.criu = self.criu.ahead()
         self.lifecycle = Lifecycle(
             Policy(scaledown_after=config.scaledown_after, fast_path=config.fast_path)

@@ -294,9 +294,9 @@ class Bench:
         return self.client
 
     def activator(
-        self, first: PodSpec, tag: str = "activator", criu_ahead: bool = False
+        self, first: PodSpec, tag: str = "activator", criu_spares: int | None = None
     ) -> Activator:
-        act = Activator(self.workdir / tag, first, criu_ahead)
+        act = Activator(self.workdir / tag, first, criu_spares)
         self.defer(act.stop)
         return act
 
@@ -946,7 +946,7 @@ class Events:
 class Activator:
     """`activator run` with one pod; more pods through its control socket."""
 
-    def __init__(self, directory: Path, first: PodSpec, criu_ahead: bool = False) -> None:
+    def __init__(self, directory: Path, first: PodSpec, criu_spares: int | None = None) -> None:
         from activator.control import AGENTS_DIR
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -960,7 +960,7 @@ class Activator:
             "--events", str(self.events.path), "--state-dir", str(directory / "state"),
             *(["--lazy-restore"] if first.lazy_restore else []),
             *(["--fast-path"] if first.fast_path else []),
-            *(["--criu-ahead"] if criu_ahead else []),
+            *(["--criu-spares", str(criu_spares)] if criu_spares is not None else []),
             "--", *self.command(first),
         ]  # fmt: skip
         with self.log_path.open("ab") as log_file:

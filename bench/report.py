@@ -94,10 +94,10 @@ def plot_wake(wc: dict[str, Any], out: Path) -> str:
 
     s = wc["summary"]
     sizes = [str(x) for x in s["sizes"]]
-    ahead = [
+    no_spares = [
         (
-            "activator --criu-ahead",
-            [s["wake"][x].get("ahead", {}) for x in sizes],
+            "activator --criu-spares 0",
+            [s["wake"][x].get("no_spares", {}) for x in sizes],
             "#aec7e8",
         )
     ]
@@ -107,11 +107,11 @@ def plot_wake(wc: dict[str, Any], out: Path) -> str:
         [f"{x} MiB" for x in sizes],
         [
             (
-                "activator (connect -> first byte)",
+                "activator, default (connect -> first byte)",
                 [s["wake"][x]["activator"] for x in sizes],
                 "#1f77b4",
             ),
-            *(ahead if all("ahead" in s["wake"][x] for x in sizes) else []),
+            *(no_spares if all("no_spares" in s["wake"][x] for x in sizes) else []),
             (
                 "raw `criu restore` CLI (start -> first byte, polled 1 ms)",
                 [s["wake"][x]["raw"] for x in sizes],
@@ -386,7 +386,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
         s = wc["summary"]
         variants = (
             ("", "activator", "ratio_raw"),
-            (" with `--criu-ahead`", "ahead", "ratio_raw_ahead"),
+            (" with `--criu-spares 0`", "no_spares", "ratio_raw_no_spares"),
         )
         for how, kind, ratio in variants:
             for x in map(str, s["sizes"]):
@@ -500,7 +500,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
 def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
     s, c = wc["summary"], wc["config"]
     sizes = [str(x) for x in s["sizes"]]
-    ahead = all("ahead" in s["wake"][x] for x in sizes)
+    no_spares = all("no_spares" in s["wake"][x] for x in sizes)
     rows = []
     for x in sizes:
         w = s["wake"][x]
@@ -515,31 +515,39 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 span(w["cold"]),
                 span(w["ratio_raw"], "x", 2),
                 span(w["ratio_cold"], "x", 2),
-                *([span(w["ahead"]), span(w["ratio_raw_ahead"], "x", 2)] if ahead else []),
+                *(
+                    [span(w["no_spares"]), span(w["ratio_raw_no_spares"], "x", 2)]
+                    if no_spares
+                    else []
+                ),
             ]
         )
-    spares = s.get("ahead_spares")
-    ahead_text = []
-    if ahead:
-        ahead_text = [
-            "`--criu-ahead`: a second `activator run` with that flag and its own pods of the "
-            "same sizes, cycled in the same repetitions: each pod keeps a `criu swrk` started "
-            "ahead of its next call (from its second call on), so the restore's RPC goes to a "
-            "CRIU that is already loaded."
-            + (
-                f" What it costs: an idle `criu swrk` per pod ({spares['count']} for "
-                f"{spares['pods']} scaled-down pods at the end of the run), on the node, "
-                "outside the activator's own memory: "
-                f"{span(spares['private_dirty_mib'], ' MiB', 2)} of private dirty pages each "
-                "(what every further spare adds), "
-                f"USS {span(spares['uss_mib'], ' MiB', 2)} (CRIU's binary counts as private "
-                f"while few processes map it), PSS {span(spares['pss_mib'], ' MiB', 2)}, "
-                f"RSS {span(spares['rss_mib'], ' MiB', 1)}."
-                if spares and spares.get("count") and "private_dirty_mib" in spares
-                else ""
-            ),
-            "",
-        ]
+    spares = s.get("spares")
+    spares_text = [
+        "By default each pod keeps a `criu swrk` started ahead of its next call (from its "
+        "second call on), up to `--criu-spares` pods per activator (8; the pods that cycled "
+        "last keep theirs), so the restore's RPC goes to a CRIU that is already loaded."
+        + (
+            " `--criu-spares 0`: a second `activator run` with that flag and its own pods of "
+            "the same sizes, cycled in the same repetitions: every call starts its own CRIU, "
+            "as the CLI does (and as a pod beyond the limit does)."
+            if no_spares
+            else ""
+        )
+        + (
+            f" What the spares cost: an idle `criu swrk` per pod ({spares['count']} for "
+            f"{spares['pods']} scaled-down pods at the end of the run), on the node, "
+            "outside the activator's own memory: "
+            f"{span(spares['private_dirty_mib'], ' MiB', 2)} of private dirty pages each "
+            "(what every further spare adds), "
+            f"USS {span(spares['uss_mib'], ' MiB', 2)} (CRIU's binary counts as private "
+            f"while few processes map it), PSS {span(spares['pss_mib'], ' MiB', 2)}, "
+            f"RSS {span(spares['rss_mib'], ' MiB', 1)}."
+            if spares and spares.get("count") and "private_dirty_mib" in spares
+            else ""
+        ),
+        "",
+    ]
     out = [
         "## Wake",
         "",
@@ -562,12 +570,16 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 "cold start -> 1st byte",
                 "activator / raw",
                 "activator / cold",
-                *(["`--criu-ahead`: connect -> 1st byte", "`--criu-ahead` / raw"] if ahead else []),
+                *(
+                    ["`--criu-spares 0`: connect -> 1st byte", "`--criu-spares 0` / raw"]
+                    if no_spares
+                    else []
+                ),
             ],
             rows,
         ),
         "",
-        *ahead_text,
+        *spares_text,
     ]
     lost = [x for x in sizes if not s["wake"][x].get("all_restored", True)]
     if lost:
@@ -589,8 +601,11 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 span(k["ratio_checkpoint_ms"], "x", 2),
                 f"{med(k['activator_image_mib']):.1f} / {med(k['raw_image_mib']):.1f}",
                 *(
-                    [span(k["ahead_deadline_to_gone"]), span(k["ratio_gone_ahead"], "x", 2)]
-                    if ahead
+                    [
+                        span(k["no_spares_deadline_to_gone"]),
+                        span(k["ratio_gone_no_spares"], "x", 2),
+                    ]
+                    if no_spares
                     else []
                 ),
             ]
@@ -612,7 +627,11 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
                 "activator / raw (gone)",
                 "checkpoint_ms / raw exit",
                 "image MiB act / raw",
-                *(["`--criu-ahead`: deadline -> gone", "`--criu-ahead` / raw"] if ahead else []),
+                *(
+                    ["`--criu-spares 0`: deadline -> gone", "`--criu-spares 0` / raw"]
+                    if no_spares
+                    else []
+                ),
             ],
             rows,
         ),
@@ -700,18 +719,17 @@ def wake_section(wc: dict[str, Any], img: dict[str, str]) -> list[str]:
 
 def timeline_section(tl: dict[str, Any]) -> list[str]:
     s, c = tl["summary"], tl["config"]
-    second = "ahead" if "ahead" in s else "cached"  # results from before --criu-ahead
-    has_second = any(v.get("n") for v in s.get(second, {}).values())
-    present = tl["meta"].get("kdat_cache_during", tl["meta"].get("kdat_cache_present"))
+    has_second = any(v.get("n") for v in s.get("no_spares", {}).values())
+    present = tl["meta"].get("kdat_cache_during")
     rows = []
     for key, text in s["steps"]:
-        row = [text, span(s["plain"].get(key, {}))]
+        row = [text, span(s["default"].get(key, {}))]
         if has_second:
-            row.append(span(s[second].get(key, {})))
+            row.append(span(s["no_spares"].get(key, {})))
         rows.append(row)
     headers = ["step", "default" if has_second else "ms"]
     if has_second:
-        headers.append("`--criu-ahead`" if second == "ahead" else "kdat cache present")
+        headers.append("`--criu-spares 0`")
     return [
         "## Where the activator's wake time goes",
         "",
@@ -719,13 +737,9 @@ def timeline_section(tl: dict[str, Any]) -> list[str]:
         f"internals wrapped to note when each step is reached; {c['hold_mib']} MiB app, "
         f"{c['cycles']} wakes each; ms after the client's connect, median [p10-p90]. "
         f"CRIU's kernel-feature cache was {'present' if present else 'absent'}. "
-        + (
-            "With `--criu-ahead` the pod's `criu swrk` was started while it was scaled down, "
-            "so its start steps are not on the wake's path (-). "
-            if has_second and second == "ahead"
-            else ""
-        )
-        + "The client thread shares the activator's process (and GIL) here, so the total "
+        + "By default the pod's `criu swrk` was started while it was scaled down, so its "
+        "start steps are not on the wake's path (-). "
+        "The client thread shares the activator's process (and GIL) here, so the total "
         "runs a few ms above the wake bench's.",
         "",
         table(headers, rows),
@@ -947,13 +961,13 @@ def findings(
             )
             return f"{listed}: {verdict}"
 
-        ahead = all("ratio_raw_ahead" in s["wake"][x] for x in sizes)
-        spares = s.get("ahead_spares") or {}
+        no_spares = all("ratio_raw_no_spares" in s["wake"][x] for x in sizes)
+        spares = s.get("spares") or {}
         out += [
             f"- **Wake** (activator/raw {reached('ratio_raw', TARGETS['wake'])}"
             + (
-                f"; with `--criu-ahead` {reached('ratio_raw_ahead', TARGETS['wake'])}"
-                if ahead
+                f"; with `--criu-spares 0` {reached('ratio_raw_no_spares', TARGETS['wake'])}"
+                if no_spares
                 else ""
             )
             + "). The activator restores with the same CRIU as the CLI. "
@@ -968,31 +982,29 @@ def findings(
             )
             + "Around CRIU's work the activator adds a chain of hand-offs, each waking a "
             "sleeping thread or process (costly on this VM): the connection is accepted on the "
-            "event loop and held; a worker thread starts `criu swrk` (fork and exec straight "
-            "through CRIU's loader, no shell), sends the restore request on its socket with the "
-            "activator's own RPC code (pycriu's message definitions only) and returns with "
-            "CRIU's answer, without waiting for the swrk to end (it ends when its socket "
-            "closes and is reaped at the next start); back on the loop, an upstream socket "
-            "made in the pod's netns, the connect, the request. The image is renamed at once "
-            "and deleted half a second later, off the forward's path. The raw figure includes "
-            "up to 1 ms of polling, the activator's none. `--criu-ahead` moves the swrk's "
-            "start (fork, exec, loading CRIU) to while the pod is scaled down, at the price of "
-            "an idle `criu swrk` per pod"
+            "event loop and held; a worker thread sends the restore request, with the "
+            "activator's own RPC code (pycriu's message definitions only), to the pod's spare "
+            "`criu swrk`, started (fork and exec straight through CRIU's loader, no shell) "
+            "while the pod was scaled down, and returns with CRIU's answer, without waiting "
+            "for the swrk to end (it ends when its socket closes and is reaped at the next "
+            "start); back on the loop, an upstream socket made in the pod's netns, the "
+            "connect, the request. The image is renamed at once and deleted half a second "
+            "later, off the forward's path. The raw figure includes up to 1 ms of polling, "
+            "the activator's none. The spare costs an idle `criu swrk` per pod"
             + (
                 f" ({med(spares.get('private_dirty_mib')):.1f} MiB of private dirty pages "
                 "each here)"
                 if spares.get("count") and "private_dirty_mib" in spares
                 else ""
             )
-            + "; it is off by default."
+            + ", for at most `--criu-spares` pods (8 by default): beyond that, the pods that "
+            "cycled longest ago start their CRIU on the wake's path, as with `--criu-spares 0`."
             + (
-                f" At {small} MiB the default wake is "
-                f"{med(w['activator']) - med(w['raw']):+.1f} ms off the CLI's and `--criu-ahead` "
-                f"takes {med(w['activator']) - med(w['ahead']):.1f} ms off it: with a CRIU "
-                "started ahead the activator beats the CLI, which pays CRIU's exec and loading "
-                "on every call. So the change that closes the default's gap is `--criu-ahead` "
-                "itself, on by default if its memory per pod is acceptable."
-                if ahead
+                f" At {small} MiB the spare takes "
+                f"{med(w['no_spares']) - med(w['activator']):.1f} ms off the wake: without it "
+                f"the wake is {med(w['no_spares']) - med(w['raw']):+.1f} ms off the CLI's, "
+                "which pays CRIU's exec and loading on every call as the activator then does."
+                if no_spares
                 else ""
             )
             + "".join(
@@ -1006,9 +1018,9 @@ def findings(
         ]
         if tl:
             summary = tl["summary"]
-            steps = summary["plain"]
+            steps = summary["default"]
             at = {key: med(v) for key, v in steps.items()}
-            ahead_steps = {key: med(v) for key, v in summary.get("ahead", {}).items()}
+            spareless = {key: med(v) for key, v in summary.get("no_spares", {}).items()}
 
             def between(a: str, b: str, marks: dict[str, float] = at) -> float:
                 return marks.get(b, math.nan) - marks.get(a, math.nan)
@@ -1022,6 +1034,10 @@ def findings(
                 ("-> `criu swrk` being started", between("restore_call", "swrk_spawn")),
                 ("its fork and exec", between("swrk_spawn", "swrk_ready")),
                 ("-> request sent", between("swrk_ready", "rpc_sent")),
+                (
+                    "-> request sent to the pod's spare `criu swrk`",
+                    between("restore_call", "rpc_sent") if "swrk_spawn" not in at else math.nan,
+                ),
                 (
                     "CRIU's restore (RPC, including CRIU's start-up)",
                     between("rpc_sent", "rpc_done"),
@@ -1044,12 +1060,14 @@ def findings(
                 )
                 + f", default options) splits a wake into: {listed}."
             )
-            rpc_ahead = between("rpc_sent", "rpc_done", ahead_steps)
-            if rpc_ahead == rpc_ahead:
+            rpc_spareless = between("rpc_sent", "rpc_done", spareless)
+            if rpc_spareless == rpc_spareless:
                 text += (
-                    f" With `--criu-ahead` the RPC takes {rpc_ahead:.1f} ms (the swrk is "
-                    f"loaded already) and the client has its first byte after "
-                    f"{ahead_steps.get('client_first_byte', math.nan):.1f} ms "
+                    f" With `--criu-spares 0` the swrk's fork and exec take "
+                    f"{between('swrk_spawn', 'swrk_ready', spareless):.1f} ms on the wake's "
+                    f"path, the RPC {rpc_spareless:.1f} ms (CRIU loads first), and the client "
+                    f"has its first byte after "
+                    f"{spareless.get('client_first_byte', math.nan):.1f} ms "
                     f"({at.get('client_first_byte', math.nan):.1f} by default)."
                 )
             text += (
@@ -1075,14 +1093,14 @@ def findings(
             ]
         worst = max(sizes, key=lambda x: med(s["checkpoint"][x]["ratio_gone"]))
         kw = s["checkpoint"][worst]
-        ahead_ckpt = all("ratio_gone_ahead" in s["checkpoint"][x] for x in sizes)
+        spareless_ckpt = all("ratio_gone_no_spares" in s["checkpoint"][x] for x in sizes)
         out += [
             "- **Checkpoint** (activator/raw "
             f"{reached('ratio_gone', TARGETS['checkpoint'], 'checkpoint')}"
             + (
-                "; with `--criu-ahead` "
-                f"{reached('ratio_gone_ahead', TARGETS['checkpoint'], 'checkpoint')}"
-                if ahead_ckpt
+                "; with `--criu-spares 0` "
+                f"{reached('ratio_gone_no_spares', TARGETS['checkpoint'], 'checkpoint')}"
+                if spareless_ckpt
                 else ""
             )
             + f"): the dump is the same CRIU call. Around it, at {worst} MiB: the idle timer "
@@ -1094,7 +1112,7 @@ def findings(
             f"activator's checkpoint_ms (the dump call, until CRIU's answer) is "
             f"{med(kw['activator_checkpoint_ms']) - med(kw['raw_wall']):+.1f} ms off the CLI's "
             "run. In a worker thread it runs a preflight scan of the app's /proc, starts "
-            "`criu swrk` (unless `--criu-ahead` started it after the last wake), sends the dump "
+            "`criu swrk` (unless its spare was started after the last wake), sends the dump "
             "request with its own RPC code and returns with CRIU's answer, the swrk reaped "
             "later; the app's exit is then reaped on the loop. Changes: run the preflight "
             "when the idle timer is armed rather than when it fires, so that only the RPC is "

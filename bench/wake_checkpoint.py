@@ -18,9 +18,10 @@ is, in rotating order:
   (and criu's exit).
 - cold start: spawn the app in a pod (the activator's own spawn path), poll
   as above: start -> first byte.
-- the activator with `--criu-ahead` (a second `activator run`, its own pods of
-  the same sizes), cycled as the first: each pod keeps a `criu swrk` started
-  ahead of its next call. The idle spares' memory is read once at the end.
+- the activator with `--criu-spares 0` (a second `activator run`, its own pods
+  of the same sizes), cycled as the first: no pod keeps a `criu swrk` started
+  ahead of its next call, as the first activator's do (its default). The
+  first activator's idle spares' memory is read once at the end.
 
 Then, as diagnostics: the same activator/raw cycles with a CRIU kernel-feature
 cache present (what /run on tmpfs would give), and raw cycles with -v4 logs
@@ -185,8 +186,8 @@ def anatomy(raw_log: Path, dump_log: Path) -> dict[str, float]:
 
 
 def spare_memory(act: Activator) -> dict[str, list[float]]:
-    """Memory of the idle `criu swrk`s the --criu-ahead activator keeps (its pods
-    scaled down: each spare waits for a restore), MiB each."""
+    """Memory of the idle `criu swrk`s an activator keeps for its pods (scaled
+    down: each spare waits for a restore), MiB each."""
     import psutil
 
     time.sleep(0.5)  # a spare starts SPARE_AFTER after its pod's call
@@ -213,7 +214,7 @@ def spare_memory(act: Activator) -> dict[str, list[float]]:
             found["pss_mib"].append(info.pss / 1048576)
             found["rss_mib"].append(info.rss / 1048576)
             found["private_dirty_mib"].append(dirty / 1024)
-    log(f"--criu-ahead: idle criu swrk: {found}")
+    log(f"idle criu swrk spares: {found}")
     return found
 
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=0.5, help="scale-down after (seconds)")
     parser.add_argument("--no-whatif", action="store_true", help="skip the kdat-cache cycles")
     parser.add_argument(
-        "--no-ahead", action="store_true", help="skip the activator with --criu-ahead"
+        "--no-spareless", action="store_true", help="skip the activator with --criu-spares 0"
     )
     args = parser.parse_args(argv)
     sizes = tuple(args.sizes or ((16, 128) if args.quick else SIZES))
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Bench("wake_checkpoint", args) as b:
         client = b.client_netns()
-        managed = ("activator",) if args.no_ahead else ("activator", "ahead")
+        managed = ("activator",) if args.no_spareless else ("activator", "no_spares")
         acts: dict[str, Activator] = {}
         specs: dict[tuple[str, int], PodSpec] = {}
         boots: dict[tuple[str, int], str] = {}
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{kind}: activator with pods {names}")
             acts[kind] = act = b.activator(
                 specs[(kind, sizes[0])],
-                tag="activator" if kind == "activator" else "activator-criu-ahead",
-                criu_ahead=kind == "ahead",
+                tag="activator" if kind == "activator" else "activator-no-criu-spares",
+                criu_spares=0 if kind == "no_spares" else None,
             )
             for s in sizes[1:]:
                 act.add(specs[(kind, s)])
@@ -344,14 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                     **anatomy(Path(cycle["restore_log"]), Path(cycle["dump_log"])),
                 )
 
-        spares = spare_memory(acts["ahead"]) if "ahead" in acts else {}
+        spares = spare_memory(acts["activator"])
         for act in acts.values():
             act.stop()
         samples: dict[str, Any] = {}
         summary: dict[str, Any] = {"sizes": list(sizes), "wake": {}, "checkpoint": {}}
         if spares:
-            samples["ahead_spares"] = spares
-            summary["ahead_spares"] = {
+            samples["spares"] = spares
+            summary["spares"] = {
                 "count": len(spares["uss_mib"]),
                 "pods": len(sizes),
                 **{key: summarize(values) for key, values in spares.items()},
@@ -359,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         wake_rows, ckpt_rows, anat_rows = [], [], []
         for s in sizes:
             a, r, c = series[("activator", s)], series[("raw", s)], series[("cold", s)]
-            h = series.get(("ahead", s), Series())
+            h = series.get(("no_spares", s), Series())
             samples[f"{s}"] = {"activator": a.data, "raw": r.data, "cold": c.data}
-            if "ahead" in acts:
-                samples[f"{s}"]["ahead"] = h.data
-            restoring = (("activator", a), ("ahead", h), ("raw", r))
+            if "no_spares" in acts:
+                samples[f"{s}"]["no_spares"] = h.data
+            restoring = (("activator", a), ("no_spares", h), ("raw", r))
             lost = [k for k, ser in restoring if not all(ser["restored"])]
             if lost:
                 log(f"WARNING {s} MiB: some {lost} wakes were not restores (new boot id)")
@@ -378,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_cold": summarize(paired(a["wake_ms"], c["wake_ms"], "ratio")),
                 "all_restored": not lost,
             }
-            if "ahead" in acts:
-                w["ahead"] = summarize(h["wake_ms"])
-                w["ahead_accept_to_first_byte"] = summarize(h["wake_activator_ms"])
-                w["ahead_restore_ms"] = summarize(h["restore_ms"])
-                w["ratio_raw_ahead"] = summarize(paired(h["wake_ms"], r["wake_ms"], "ratio"))
+            if "no_spares" in acts:
+                w["no_spares"] = summarize(h["wake_ms"])
+                w["no_spares_accept_to_first_byte"] = summarize(h["wake_activator_ms"])
+                w["no_spares_restore_ms"] = summarize(h["restore_ms"])
+                w["ratio_raw_no_spares"] = summarize(paired(h["wake_ms"], r["wake_ms"], "ratio"))
             k = {
                 "activator_deadline_to_gone": summarize(a["deadline_to_gone_ms"]),
                 "activator_timer_to_gone": summarize(a["timer_to_gone_ms"]),
@@ -398,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 "activator_image_mib": summarize([v / 1048576 for v in a["image_bytes"]]),
                 "raw_image_mib": summarize([v / 1048576 for v in r["image_bytes"]]),
             }
-            if "ahead" in acts:
-                k["ahead_deadline_to_gone"] = summarize(h["deadline_to_gone_ms"])
-                k["ahead_checkpoint_ms"] = summarize(h["checkpoint_ms"])
-                k["ratio_gone_ahead"] = summarize(
+            if "no_spares" in acts:
+                k["no_spares_deadline_to_gone"] = summarize(h["deadline_to_gone_ms"])
+                k["no_spares_checkpoint_ms"] = summarize(h["checkpoint_ms"])
+                k["ratio_gone_no_spares"] = summarize(
                     paired(h["deadline_to_gone_ms"], r["dump_gone_ms"], "ratio")
                 )
             summary["wake"][str(s)] = w
@@ -415,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                     fmt(w["cold"]),
                     fmt(w["ratio_raw"], "x", 2),
                     fmt(w["ratio_cold"], "x", 2),
-                    fmt(w.get("ahead", {})),
-                    fmt(w.get("ratio_raw_ahead", {}), "x", 2),
+                    fmt(w.get("no_spares", {})),
+                    fmt(w.get("ratio_raw_no_spares", {}), "x", 2),
                 ]
             )
             ckpt_rows.append(
@@ -427,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                     fmt(k["raw_gone"]),
                     fmt(k["raw_wall"]),
                     fmt(k["ratio_gone"], "x", 2),
-                    fmt(k.get("ahead_deadline_to_gone", {})),
-                    fmt(k.get("ratio_gone_ahead", {}), "x", 2),
+                    fmt(k.get("no_spares_deadline_to_gone", {})),
+                    fmt(k.get("ratio_gone_no_spares", {}), "x", 2),
                     f"{k['activator_image_mib'].get('median', 0):.1f} / "
                     f"{k['raw_image_mib'].get('median', 0):.1f}",
                 ]
@@ -451,12 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             f"Wake: connect -> first response byte, ms, median [p10-p90], {reps} reps",
             ["app", "activator", "(accept->1st)", "raw restore", "cold start", "/raw", "/cold",
-             "ahead", "ahead/raw"],
+             "no spares", "no spares/raw"],
             wake_rows,
         )  # fmt: skip
         print_table(
             "Checkpoint: ms, median [p10-p90]; activator: idle deadline -> process gone",
-            ["app", "activator", "(ckpt_ms)", "raw gone", "raw exit", "/raw", "ahead", "ahead/raw",
+            ["app", "activator", "(ckpt_ms)", "raw gone", "raw exit", "/raw", "no spares", "/raw",
              "image MiB a/r"],
             ckpt_rows,
         )  # fmt: skip
@@ -504,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             "whatif_reps": whatif_reps if kdat_used else 0,
             "whatif_sizes": list(whatif_sizes),
             "anatomy_reps": anatomy_reps,
-            "criu_ahead": "ahead" in acts,
+            "no_spares_variant": "no_spares" in acts,
         }
         b.result(config, samples, summary)
     return 0

@@ -5,9 +5,9 @@ a few of its internals wrapped to note the time they are reached (CRIU's restore
 call, `criu swrk` started, the restore request sent on its socket and
 answered, the forward to the app, the app's first byte). A client thread in
 another pod connects to the scaled-down pod and sends a request; every mark is
-reported in ms after the client's connect. As `activator run` does by default,
-then as with `--criu-ahead` (the pod's `criu swrk` started ahead, while it is
-scaled down: its start marks are not reached during the wake).
+reported in ms after the client's connect. As `activator run` does by default
+(the pod's `criu swrk` started ahead, while it is scaled down: its start marks
+are not reached during the wake), then as with `--criu-spares 0` (no spare).
 
 The client shares this process (its thread sleeps in recv while the activator
 works). The wrapped names are internals: when the product changes them, the
@@ -151,16 +151,16 @@ def instrument(marks: Marks) -> Callable[[], None]:
 
 
 async def cycles(
-    b: Bench, client: ClientNetns, marks: Marks, count: int, hold: int, ahead: bool, into: Series
+    b: Bench, client: ClientNetns, marks: Marks, count: int, hold: int, spares: int, into: Series
 ) -> None:
     from activator.config import PodConfig
     from activator.criu import CriuOptions
     from activator.lifecycle import Phase
     from activator.runtime import local_agent
 
-    tag = "ahead" if ahead else "default"
+    tag = "default" if spares else "no-spares"
     root = b.workdir / f"inproc-{tag}"
-    agent = local_agent(root / "state", events=None, criu_options=CriuOptions(start_ahead=ahead))
+    agent = local_agent(root / "state", events=None, criu_options=CriuOptions(spares=spares))
     name = b.pod_name(f"tl{tag[0]}")
     command = in_own_directory(root / "cwd", sample_app(hold))
     pod = await agent.add(PodConfig(name=name, ports=(APP_PORT,), command=command))
@@ -216,31 +216,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=None)
     parser.add_argument("--hold-mib", type=int, default=16)
-    parser.add_argument("--no-ahead", action="store_true", help="skip the --criu-ahead wakes")
+    parser.add_argument(
+        "--no-spareless", action="store_true", help="skip the wakes with --criu-spares 0"
+    )
     args = parser.parse_args(argv)
     count = args.cycles or (3 if args.quick else 10)
     import uvloop
+
+    from activator.cli import DEFAULT_CRIU_SPARES
 
     with Bench("wake_timeline", args) as b:
         client = b.client_netns()
         marks = Marks()
         unwrap = instrument(marks)
         b.defer(unwrap)
-        plain, ahead = Series(), Series()
+        default, no_spares = Series(), Series()
         b.settle("timeline")
-        uvloop.run(cycles(b, client, marks, count, args.hold_mib, False, plain))
+        uvloop.run(cycles(b, client, marks, count, args.hold_mib, DEFAULT_CRIU_SPARES, default))
         # local_agent made CRIU's kernel-feature cache if /run is not a tmpfs.
         b.meta["kdat_cache_during"] = KDAT_CACHE.exists()
-        if not args.no_ahead:
-            b.settle("timeline, --criu-ahead")
-            uvloop.run(cycles(b, client, marks, count, args.hold_mib, True, ahead))
+        if not args.no_spareless:
+            b.settle("timeline, --criu-spares 0")
+            uvloop.run(cycles(b, client, marks, count, args.hold_mib, 0, no_spares))
         b.check_quiet("timeline (end)")
-        summary: dict[str, Any] = {"steps": [list(s) for s in STEPS], "plain": {}, "ahead": {}}
+        summary: dict[str, Any] = {
+            "steps": [list(s) for s in STEPS],
+            "default": {},
+            "no_spares": {},
+        }
         rows = []
         for key, text in STEPS:
-            summary["plain"][key] = summarize(plain[key])
-            summary["ahead"][key] = summarize(ahead[key])
-            p, h = summary["plain"][key], summary["ahead"][key]
+            summary["default"][key] = summarize(default[key])
+            summary["no_spares"][key] = summarize(no_spares[key])
+            p, h = summary["default"][key], summary["no_spares"][key]
             rows.append(
                 [
                     text,
@@ -251,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             f"Activator wake timeline, {args.hold_mib} MiB app, ms after the client's connect "
             f"(median of {count})",
-            ["step", "default", "--criu-ahead"],
+            ["step", "default", "--criu-spares 0"],
             rows,
         )
         b.result(
             {"cycles": count, "hold_mib": args.hold_mib},
-            {"plain": plain.data, "ahead": ahead.data},
+            {"default": default.data, "no_spares": no_spares.data},
             summary,
         )
     return 0

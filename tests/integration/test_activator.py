@@ -228,7 +228,7 @@ def assert_all_served(answers: list[Answer], boot_id: str, first_hit: int) -> No
 # --- the tests -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags", [(), ("--criu-ahead",)], ids=["", "criu-ahead"])
+@pytest.mark.parametrize("flags", [(), ("--criu-spares", "0")], ids=["", "no-criu-spares"])
 def test_state_is_kept_across_five_scale_down_and_wake_cycles(
     activator: StartActivator, flags: tuple[str, ...]
 ) -> None:

@@ -150,7 +150,7 @@ def test_ahead_the_restore_after_a_dump_gets_the_swrk_started_for_it(
 
 async def _restore_after_a_dump(tmp_path: Path, ext: Externals) -> None:
     launcher = FakeLauncher(restored(7))
-    criu = Criu(Path("criu"), launcher=launcher).ahead()
+    criu = Criu(Path("criu"), CriuOptions(spares=1), launcher).ahead()
     try:
         criu._spare.prepare(ext)  # type: ignore[union-attr]  # as a dump does at its end
         while not launcher.started:
@@ -175,7 +175,7 @@ def test_ahead_a_spare_for_another_output_pipe_is_ended_not_used(
 
 async def _spare_for_another_pipe(tmp_path: Path, ext: Externals) -> None:
     launcher = FakeLauncher(restored(7))
-    criu = Criu(Path("criu"), launcher=launcher).ahead()
+    criu = Criu(Path("criu"), CriuOptions(spares=1), launcher).ahead()
     try:
         criu._spare.prepare(ext)  # type: ignore[union-attr]
         while criu._spare._swrk is None:  # type: ignore[union-attr]
@@ -200,9 +200,58 @@ def test_ahead_close_ends_the_spare() -> None:
 
 async def _close_ends_the_spare() -> None:
     launcher = FakeLauncher(restored(7))
-    criu = Criu(Path("criu"), launcher=launcher).ahead()
+    criu = Criu(Path("criu"), CriuOptions(spares=1), launcher).ahead()
     criu._spare.prepare(None)  # type: ignore[union-attr]
     while criu._spare._swrk is None:  # type: ignore[union-attr]
         await asyncio.sleep(0.01)
     criu.close()
     assert launcher.ended == [launcher.started[0][0]]
+
+
+def test_ahead_beyond_the_limit_the_spare_held_longest_is_ended() -> None:
+    asyncio.run(_spares_beyond_the_limit())
+
+
+async def _spares_beyond_the_limit() -> None:
+    launcher = FakeLauncher(restored(7))
+    node = Criu(Path("criu"), CriuOptions(spares=2), launcher)
+    pods = [node.ahead() for _ in range(3)]
+    try:
+        for pod in pods:  # one after the other: each pod's call ends in turn
+            pod._spare.prepare(None)  # type: ignore[union-attr]
+            while pod._spare._swrk is None:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        held = [pod._spare._swrk is not None for pod in pods]  # type: ignore[union-attr]
+        assert held == [False, True, True]
+        assert launcher.ended == [launcher.started[0][0]]  # ended, not left idle
+        started: list[int] = []
+        await asyncio.to_thread(
+            pods[0].restore, Path("/nonexistent"), Externals({}), started.append
+        )
+        assert started == [launcher.started[3][0]]  # the first pod starts its own again
+    finally:
+        for pod in pods:
+            pod.close()
+
+
+def test_ahead_a_burst_of_calls_leaves_the_last_spares_and_ends_the_others() -> None:
+    asyncio.run(_burst_of_calls())
+
+
+async def _burst_of_calls() -> None:
+    launcher = FakeLauncher(restored(7))
+    node = Criu(Path("criu"), CriuOptions(spares=2), launcher)
+    pods = [node.ahead() for _ in range(6)]
+    try:
+        for pod in pods:  # as when many pods scale down at the same moment
+            pod._spare.prepare(None)  # type: ignore[union-attr]
+        while pods[-1]._spare._swrk is None or pods[-2]._spare._swrk is None:  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # any start still under way ends
+        held = [pod._spare._swrk is not None for pod in pods]  # type: ignore[union-attr]
+        assert held == [False] * 4 + [True] * 2
+        idle = {pid for pid, _ in launcher.started} - set(launcher.ended)
+        assert idle == {pod._spare._swrk.pid for pod in pods[-2:]}  # type: ignore[union-attr]
+    finally:
+        for pod in pods:
+            pod.close()
