@@ -23,6 +23,17 @@ baseline (the same nginx, reached directly).
   Python client reading into a 4 MiB buffer, time from connect to last byte.
 
 The activator's CPU time (user+sys, from /proc) is read around each run.
+
+Where the CPU goes during each large transfer: the machine's busy CPU-seconds
+(its CPUs times the wall time, less the idle time of /proc/stat, which the
+kernel keeps in ns between ticks), the kernel's share sampled in softirq and
+the hypervisor's steal (tick-sampled, 4 ms), and the run time of nginx, the
+client (this process), the activator and the kernel's ksoftirqd threads
+(/proc/PID/task/*/schedstat, in ns; softirq work done while a process runs
+counts as its own, as this kernel keeps no separate irq time). The rest is
+other work on the machine and kernel work outside any task. From them: CPUs
+busy during a transfer, and the throughput the machine's CPUs allow at a
+path's CPU cost per byte (its CPU-seconds per byte, all CPUs busy).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +66,7 @@ from bench.common import (
 PROXIED, DIRECT = 8080, 8081
 FAST_DIRECT = "direct to the fast-path pod"
 BIG_MIB = 100
+TARGET_RATIO = 0.9  # issue 4: relayed throughput >= 0.9x direct
 
 NGINX_CONF = """\
 user root;
@@ -164,6 +177,107 @@ def download(client: ClientNetns, host: str, port: int, path: str) -> tuple[int,
         sock.close()
 
 
+CPUS = os.cpu_count() or 1
+USER_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def run_seconds(pids: list[int]) -> float:
+    """CPU-seconds the processes' threads have run, to the ns (schedstat)."""
+    ns = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone: it runs no more
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass  # the thread ended meanwhile
+    return ns / 1e9
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (nginx: the master and its worker)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{tid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+    return pids
+
+
+def softirq_threads() -> list[int]:
+    """The kernel's ksoftirqd threads: network receive work deferred off the
+    processes' own time slices runs there."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith("ksoftirqd/"):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU counters at one instant, in seconds (see the module doc)."""
+
+    wall: float
+    idle: float  # summed over the CPUs, iowait included
+    softirq: float
+    steal: float
+    processes: dict[str, float]
+
+    @classmethod
+    def now(cls, processes: dict[str, list[int]]) -> CpuReading:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        _user, _nice, _system, idle, iowait, _irq, softirq, steal = ticks
+        return cls(
+            wall=time.monotonic(),
+            idle=(idle + iowait) / USER_HZ,
+            softirq=softirq / USER_HZ,
+            steal=steal / USER_HZ,
+            processes={name: run_seconds(pids) for name, pids in processes.items()},
+        )
+
+    def since(self, before: CpuReading) -> dict[str, float]:
+        """Per-transfer fields: CPUs busy, and CPU-ms by kind and by process."""
+        wall = self.wall - before.wall
+        busy = CPUS * wall - (self.idle - before.idle)
+        fields = {
+            "cpus_busy": busy / wall,
+            "machine_cpu_ms": busy * 1000,
+            "softirq_cpu_ms": (self.softirq - before.softirq) * 1000,
+            "steal_cpu_ms": (self.steal - before.steal) * 1000,
+        }
+        for name, seconds in self.processes.items():
+            fields[f"{name}_cpu_ms"] = (seconds - before.processes[name]) * 1000
+        fields["rest_cpu_ms"] = fields["machine_cpu_ms"] - sum(
+            fields[f"{name}_cpu_ms"] for name in self.processes
+        )
+        return fields
+
+
+def cpu_cost(series: Series, mib: int) -> dict[str, float]:
+    """A path's CPU cost over all its transfers (sums, so ticks average out), and
+    the throughput the machine's CPUs allow at that cost per byte."""
+    busy_s = sum(series["machine_cpu_ms"]) / 1000
+    wall_s = sum(series["ms"]) / 1000
+    moved_mib = mib * len(series["ms"])
+    return {
+        "all_cpus_busy": busy_s / wall_s,
+        "cpu_ms_per_100_mib": busy_s * 1000 * 100 / moved_mib,
+        "cpu_bound_mib_s": CPUS * moved_mib / busy_s,
+    }
+
+
 def nginx_pod(b: Bench, nginx: str, www: Path, suffix: str, fast_path: bool) -> PodSpec:
     """A pod running nginx from its own directory (pid file, temp dirs), serving `www`."""
     site = b.workdir / f"nginx-{suffix}"
@@ -246,6 +360,16 @@ def main(argv: list[str] | None = None) -> int:
             "fast path": (fast_address, PROXIED, fast_act),
             FAST_DIRECT: (fast_address, DIRECT, fast_act),
         }
+        # Whose CPU each transfer's reading counts, besides the machine's.
+        on_path = {
+            owner.pid: {
+                "nginx": process_tree(owner.app_pid(pod, "nginx")),
+                "client": [os.getpid()],
+                "activator": [owner.pid],
+                "ksoftirqd": softirq_threads(),
+            }
+            for owner, pod in ((act, spec.name), (fast_act, fast_spec.name))
+        }
         log(
             f"nginx in pod {spec.name} at {address}: direct :{DIRECT}, activator :{PROXIED}; "
             f"in pod {fast_spec.name} at {fast_address} (--fast-path, open after "
@@ -279,16 +403,18 @@ def main(argv: list[str] | None = None) -> int:
             for host, port, _act in paths.values():
                 download(client, host, port, "/big.bin")
         b.settle("transfers")
+        # What the rest of the machine keeps busy with nothing to transfer.
+        before = CpuReading.now({})
+        time.sleep(1)
+        background_cpus_busy = CpuReading.now({}).since(before)["cpus_busy"]
         for rep in range(transfer_reps):
             order = list(paths) if rep % 2 == 0 else list(reversed(paths))
             for path in order:
                 host, port, owner = paths[path]
-                cpu0 = owner.cpu_seconds()
+                before = CpuReading.now(on_path[owner.pid])
                 size, took = download(client, host, port, "/big.bin")
-                cpu = owner.cpu_seconds() - cpu0
-                transfers[path].add(
-                    mib_s=size / 1048576 / took, ms=took * 1000, activator_cpu_ms=cpu * 1000
-                )
+                cpu = CpuReading.now(on_path[owner.pid]).since(before)
+                transfers[path].add(mib_s=size / 1048576 / took, ms=took * 1000, **cpu)
         b.check_quiet("transfers")
         fast_path_held = direct_path_open(fast_spec.name)
         fast_act.stop()
@@ -365,6 +491,51 @@ def main(argv: list[str] | None = None) -> int:
             "fast_path_cpu_ms": summarize(tf["activator_cpu_ms"]),
         }
         t = summary["transfer"]
+        # Where the CPU went on each path, and the throughput the CPUs allow at
+        # each path's cost per byte: the bound a path meets when its CPUs are busy.
+        t["cpus"] = CPUS
+        t["background_cpus_busy"] = background_cpus_busy
+        t["cpu"] = {
+            path: {
+                **{k: summarize(v) for k, v in series.data.items() if k not in ("mib_s", "ms")},
+                **cpu_cost(series, BIG_MIB),
+            }
+            for path, series in transfers.items()
+        }
+        relay_bound = t["cpu"]["activator"]["cpu_bound_mib_s"]
+        t["relay_cpu_bound_ratio"] = relay_bound / t["direct_mib_s"]["median"]
+        # What the relayed path may cost per 100 MiB to reach the target on these CPUs.
+        t["cpu_ms_per_100_mib_for_target"] = (
+            CPUS * 100 * 1000 / (TARGET_RATIO * t["direct_mib_s"]["median"])
+        )
+        print_table(
+            f"{BIG_MIB} MiB transfers: CPU use, median [p10-p90] per transfer; "
+            f"{background_cpus_busy:.2f} of {CPUS} CPUs busy before, with nothing to transfer",
+            ["path", "CPUs busy", "machine CPU ms", "nginx", "client", "activator", "ksoftirqd",
+             "rest",
+             "CPU ms/100 MiB (all)", "MiB/s the CPUs allow"],
+            [
+                [
+                    path,
+                    fmt(c["cpus_busy"], "", 2),
+                    fmt(c["machine_cpu_ms"], "", 0),
+                    fmt(c["nginx_cpu_ms"], "", 0),
+                    fmt(c["client_cpu_ms"], "", 0),
+                    fmt(c["activator_cpu_ms"], "", 0),
+                    fmt(c["ksoftirqd_cpu_ms"], "", 0),
+                    fmt(c["rest_cpu_ms"], "", 0),
+                    f"{c['cpu_ms_per_100_mib']:.0f}",
+                    f"{c['cpu_bound_mib_s']:.0f}",
+                ]
+                for path, c in t["cpu"].items()
+            ],
+        )  # fmt: skip
+        log(
+            f"the relay's CPU cost allows {relay_bound:.0f} MiB/s = "
+            f"{t['relay_cpu_bound_ratio']:.2f}x direct's median; {TARGET_RATIO}x would need <= "
+            f"{t['cpu_ms_per_100_mib_for_target']:.0f} CPU ms per 100 MiB, it takes "
+            f"{t['cpu']['activator']['cpu_ms_per_100_mib']:.0f}"
+        )
         print_table(
             f"{BIG_MIB} MiB transfers ({transfer_reps} per path), MiB/s, median [p10-p90]",
             ["direct", "activator", "ratio", "activator CPU ms per transfer", "fast path",
