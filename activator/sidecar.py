@@ -65,6 +65,11 @@ class SidecarError(Exception):
     pass
 
 
+class LeftoverUnknown(SidecarError):
+    """What a previous sidecar left cannot be told apart: the container is
+    left as it is (serving directly), not guessed at."""
+
+
 class HolderLauncher:
     """CRIU as the holder's child, inside the app container."""
 
@@ -152,6 +157,11 @@ class ContainerSandbox:
         self.shared = shared
         self.redirects = redirects
         self.holder = Holder(shared / "run" / f"{config.name}.sock", self._app_exited)
+        # The app's pid in the pod, for the next sidecar: CRIU restores the
+        # pid it dumped, so it also names an app restored but never handed
+        # to the holder (its other children may be the app's orphans).
+        self.app_record = shared / "run" / f"{config.name}.app"
+        self._recorded: int | None = None
         self._ended: dict[int, asyncio.Future[int]] = {}
         self._ended_unwatched: dict[int, int] = {}
         self._adopting: set[asyncio.Future[None]] = set()
@@ -166,7 +176,8 @@ class ContainerSandbox:
 
         Called once the CRIU a previous sidecar left running has ended (the
         driver waits for it first): an app it restored but could not hand to
-        the holder is the holder's only child, and is handed over now.
+        the holder is the holder's child with the recorded pid, and is handed
+        over now. Other children are not the app: they are left as they are.
         """
         try:
             await self.holder.connect(0)
@@ -177,16 +188,53 @@ class ContainerSandbox:
             return None  # spawn_app's `start` returns it
         assert self.holder.pid is not None
         children = proc.children_of(self.holder.pid)
-        if len(children) > 1:
-            raise HolderError(
-                f"container {self.name}: no app, but the holder has {len(children)} "
-                f"children ({children}), left by a previous sidecar: restart the container"
+        recorded = self._read_record()
+        if recorded is None and children:
+            raise LeftoverUnknown(
+                f"container {self.name}: no app, and no record ({self.app_record}) of "
+                f"which of the holder's children ({children}) it was: left as it is; "
+                "restart the container to manage it again"
             )
-        if children:
-            log.warning("container %s: taking the app the last sidecar restored", self.name)
-            await self.holder.adopt(children[0])
+        if recorded in children:
+            log.warning(
+                "container %s: taking the app the last sidecar restored (pid %d)",
+                self.name,
+                recorded,
+            )
+            await self.holder.adopt(recorded)
             return None
+        if children:
+            log.warning(
+                "container %s: the holder's children %s are not the app (pid %d): left as they are",
+                self.name,
+                children,
+                recorded,
+            )
         return Leftover()
+
+    def _read_record(self) -> int | None:
+        try:
+            return int(self.app_record.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise LeftoverUnknown(
+                f"container {self.name}: unreadable {self.app_record} ({exc}): restart the "
+                "container to manage it again"
+            ) from exc
+
+    def _record(self, pid: int) -> None:
+        if pid == self._recorded:
+            return  # a restored app: CRIU gave it its pid again
+        staging = self.app_record.with_suffix(".new")
+        try:
+            staging.write_text(str(pid))
+            staging.rename(self.app_record)
+        except OSError as exc:
+            # Only a later sidecar needs it; this one goes on managing the app.
+            log.warning("container %s: cannot record the app's pid: %s", self.name, exc)
+            return
+        self._recorded = pid
 
     async def remove_leftover(self, leftover: Leftover) -> None:
         pass  # the container stays as it is: only the image was left to take
@@ -214,6 +262,7 @@ class ContainerSandbox:
             raise SpawnFailed(str(exc)) from exc
 
     def app_exit(self, pid: int) -> asyncio.Future[int]:
+        self._record(pid)  # the driver watches every app it starts or restores
         if (status := self._ended_unwatched.pop(pid, None)) is not None:
             ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             ended.set_result(status)
@@ -370,8 +419,15 @@ async def serve(podinfo: Path, shared: Path, events: TextIO | None) -> int:
             for config in configs:
                 try:
                     await agent.add(config)
-                except (HolderError, SpawnFailed, CriuError, OSError) as exc:
-                    log.error("container %s left unmanaged: %s", config.name, exc)
+                except (SidecarError, HolderError, SpawnFailed, CriuError, OSError) as exc:
+                    # Failing open: its ports reach the app directly, not a
+                    # redirect a previous sidecar left to a port nobody serves.
+                    await redirects.set(config.name, None)
+                    events_log.write(
+                        config.name,
+                        "unmanaged",
+                        c.Report("unmanaged", "error", f"left running unmanaged: {exc}"),
+                    )
             await stop.wait()
             return 0
     finally:

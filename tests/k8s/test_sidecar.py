@@ -10,9 +10,11 @@ builder for a Python image without a registry).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -400,3 +402,157 @@ def test_a_sidecar_killed_while_criu_checkpoints_loses_no_state(managed_pod: Sta
     managed.restart_sidecar()
     managed.wait_for("scaled-down", after=back, timeout=START_TIMEOUT)
     assert managed.get() == (count + 1, boot), "the app's memory was lost"
+
+
+def host_pid_of(pid_in_pod: int, among: list[int]) -> int | None:
+    """Which of `among` (host pids) is `pid_in_pod` in the pod's pid namespace."""
+    for pid in among:
+        with contextlib.suppress(FileNotFoundError):
+            status = Path(f"/proc/{pid}/status").read_text()
+            nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+            if int(nspid.split()[-1]) == pid_in_pod:
+                return pid
+    return None
+
+
+def mount_points(pid: int) -> set[str]:
+    return {line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()}
+
+
+def test_a_sidecar_killed_while_criu_restores_brings_the_app_back_with_its_state(
+    managed_pod: StartPod,
+) -> None:
+    """A connection wakes the app; as soon as the journal names the restore's
+    CRIU and CRIU has begun (its log is there), the test stops that CRIU
+    (SIGSTOP) and SIGKILLs the sidecar, so the kill lands in the middle of
+    the restore every time. (A kill before CRIU read its request ends that
+    CRIU at once: the pod comes back scaled down with the image.) The next sidecar waits
+    for that CRIU (let go once it does); the restore completes with nobody to
+    hand the app to, so the app is the holder's only child: the new sidecar
+    hands it over and serves it with its memory. No CRIU and no mount of
+    CRIU's is left, and the app scales down and wakes again."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    mounts = mount_points(holder.pid)
+    count, boot = managed.get()
+    managed.wait_for("scaled-down", after=managed.mark())
+    journal = managed.shared / "state" / "app" / "operation.json"
+    # CRIU opens its log once it has the request: from then on the restore
+    # goes on without the sidecar.
+    restoring = managed.shared / "state" / "app" / "images" / "restore.log"
+    waking = socket.create_connection((managed.pod.ip, APP_PORT), timeout=30)
+    criu = None
+    try:
+        waking.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        deadline = time.monotonic() + START_TIMEOUT
+        while criu is None:
+            assert time.monotonic() < deadline, f"no restore began\n{managed.sidecar_log()}"
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+                named = json.loads(journal.read_text())["criu"]["pid"]
+                if restoring.exists():
+                    criu = host_pid_of(named, proc.children_of(holder.pid))
+            time.sleep(0.001)
+        os.kill(criu, signal.SIGSTOP)
+        managed.crash_sidecar()
+        assert journal.exists(), "the restore was over before the kill: test is blind"
+        back = managed.mark()
+        managed.restart_sidecar()
+        deadline = time.monotonic() + START_TIMEOUT
+        while "waiting for the restore the killed activator left running" not in (
+            managed.sidecar_log()
+        ):
+            assert managed.sidecar.poll() is None, managed.sidecar_log()
+            assert time.monotonic() < deadline, managed.sidecar_log()
+            time.sleep(0.05)
+    finally:
+        waking.close()
+        if criu is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(criu, signal.SIGCONT)
+    managed.wait_for("running", after=back, timeout=START_TIMEOUT)
+    assert "taking the app the last sidecar restored" in managed.sidecar_log()
+    assert managed.get() == (count + 1, boot), "the app's memory was lost"
+    assert not os.path.exists(f"/proc/{criu}"), "the restore's CRIU is still there"
+    (app,) = proc.children_of(holder.pid)
+    assert cgroups(app) == cgroups(holder.pid)
+    assert mount_points(holder.pid) == mounts, "CRIU left a mount in the app container"
+    assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
+    # The app the new sidecar took is managed as before: it scales down and wakes.
+    managed.wait_for("scaled-down", after=managed.mark())
+    assert proc.children_of(holder.pid) == []
+    woke = managed.mark()
+    assert managed.get() == (count + 2, boot)
+    assert managed.wait_for("running", after=woke).get("previous") == "restoring"
+
+
+def holder_run(managed: ManagedPod, *argv: str) -> int:
+    """Make the holder run `argv` as its child, as a sidecar runs CRIU; its pid
+    in the pod. Stands for the app's orphans, which the holder (their
+    subreaper) also gets."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as control:
+        control.connect(str(managed.shared / "run" / "app.sock"))
+        control.send("\0".join(["exec", "", *argv]).encode())
+        kind, pid = control.recv(4096).decode().split()
+    assert kind == "exec" and int(pid), f"the holder did not run {argv}"
+    return int(pid)
+
+
+def test_a_restarted_sidecar_leaves_the_holders_other_children_alone(
+    managed_pod: StartPod,
+) -> None:
+    """The sidecar dies while the app is checkpointed, and the holder has two
+    children that are not the app. The next sidecar knows the app by the pid
+    it recorded: those two run on untouched, the pod comes back scaled down,
+    and the next connection restores the app with its state."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    count, boot = managed.get()
+    managed.wait_for("scaled-down", after=managed.mark())
+    managed.crash_sidecar()
+    others = {holder_run(managed, "/bin/sleep", "1000") for _ in range(2)}
+    back = managed.mark()
+    managed.restart_sidecar()
+    assert managed.wait_for("scaled-down", after=back, timeout=START_TIMEOUT).get("previous") == (
+        "created"
+    )
+    assert "are not the app" in managed.sidecar_log()
+    woke = managed.mark()
+    assert managed.get() == (count + 1, boot), "the app's memory was lost"
+    assert managed.wait_for("running", after=woke).get("previous") == "restoring"
+    in_pod = {host_pid_of(pid, proc.children_of(holder.pid)) for pid in others}
+    assert None not in in_pod, "a child that is not the app was ended"
+    assert len(proc.children_of(holder.pid)) == 3  # the app and those two
+
+
+def test_a_holder_child_nothing_tells_from_the_app_leaves_the_pod_unmanaged_and_open(
+    managed_pod: StartPod,
+) -> None:
+    """Without the app's recorded pid (a sidecar from before it was recorded),
+    children of a holder with no app cannot be told apart: nothing is guessed
+    or killed. The container is reported unmanaged with the cause and the fix,
+    and its port is no longer redirected to a sidecar port nobody serves."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    managed.get()
+    managed.wait_for("scaled-down", after=managed.mark())
+    managed.crash_sidecar()
+    (managed.shared / "run" / "app.app").unlink()
+    holder_run(managed, "/bin/sleep", "1000")
+    tables = ["nsenter", "-t", str(managed.pod.pause_pid), "-n", "nft", "list", "tables"]
+    assert "pod_activator" in subprocess.run(tables, capture_output=True, text=True).stdout
+    back = managed.mark()
+    managed.restart_sidecar()
+    unmanaged = managed.wait_for("unmanaged", after=back, timeout=START_TIMEOUT)
+    assert unmanaged["pod"] == "app"
+    assert "restart the container" in str(unmanaged["message"])
+    assert "ERROR pod app: left running unmanaged" in managed.sidecar_log()
+    assert "pod_activator" not in subprocess.run(tables, capture_output=True, text=True).stdout
+    assert len(proc.children_of(holder.pid)) == 1, "the child was ended"
+    assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
+    assert managed.sidecar.poll() is None, "the sidecar must stay (it manages other containers)"

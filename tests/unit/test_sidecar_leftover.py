@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from activator.config import PodConfig
-from activator.holder import HolderError
-from activator.sidecar import ContainerSandbox, Leftover
+from activator.sidecar import ContainerSandbox, Leftover, LeftoverUnknown
 from netns import proc
 
 
@@ -34,14 +33,17 @@ class FakeHolder:
         self.listener.setblocking(False)
 
     async def serve(self) -> None:
+        """One sidecar after the other, as the real holder (the newest wins)."""
         loop = asyncio.get_running_loop()
-        conn, _ = await loop.sock_accept(self.listener)
-        with conn:
-            while request := (await loop.sock_recv(conn, 4096)).decode().split("\0"):
-                self.requests.append(request)
-                if request[0] == "adopt":
-                    self.app_pid = int(request[1])
-                await loop.sock_sendall(conn, f"app {self.app_pid}".encode())
+        while True:
+            conn, _ = await loop.sock_accept(self.listener)
+            with conn:
+                while request := (await loop.sock_recv(conn, 4096)).decode():
+                    fields = request.split("\0")
+                    self.requests.append(fields)
+                    if fields[0] == "adopt":
+                        self.app_pid = int(fields[1])
+                    await loop.sock_sendall(conn, f"app {self.app_pid}".encode())
 
 
 @contextmanager
@@ -63,6 +65,12 @@ def children(n: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 def sandbox(shared: Path) -> ContainerSandbox:
     config = PodConfig(name="app", ports=(8080,), command=())
     return ContainerSandbox(config, shared, None, ("10.0.0.2", "10.0.0.1"))  # type: ignore[arg-type]
+
+
+def record(shared: Path, app_pid: int) -> None:
+    """What the last sidecar recorded of its app (ContainerSandbox.app_exit)."""
+    (shared / "run").mkdir(parents=True, exist_ok=True)
+    (shared / "run" / "app.app").write_text(str(app_pid))
 
 
 def leftover_with(shared: Path, app_pid: int) -> tuple[object, FakeHolder, ContainerSandbox]:
@@ -107,13 +115,67 @@ def test_an_app_restored_but_not_handed_over_goes_to_the_holder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with children(1, monkeypatch) as (restored,):
+        record(tmp_path, restored)  # CRIU restores the pid it dumped
         found, holder, _ = leftover_with(tmp_path, 0)
     assert found is None
     assert holder.requests == [["manage"], ["adopt", str(restored)]]
 
 
-def test_more_than_one_child_without_an_app_is_an_error(
+def test_the_recorded_app_is_taken_among_other_children(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with children(2, monkeypatch), pytest.raises(HolderError, match="2 children"):
+    """The holder is its container's subreaper: the app's orphans are its children too."""
+    with children(3, monkeypatch) as (orphan, restored, other):
+        record(tmp_path, restored)
+        found, holder, _ = leftover_with(tmp_path, 0)
+        assert proc.Process.of(orphan) is not None and proc.Process.of(other) is not None
+    assert found is None
+    assert holder.requests == [["manage"], ["adopt", str(restored)]]
+
+
+def test_children_that_are_not_the_recorded_app_leave_it_scaled_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone orphan is not taken for the app: the image of the app is."""
+    with children(1, monkeypatch) as (orphan,):
+        record(tmp_path, orphan + 100_000)  # the app's pid, free while it is checkpointed
+        found, holder, _ = leftover_with(tmp_path, 0)
+        assert proc.Process.of(orphan) is not None
+    assert found == Leftover()
+    assert holder.requests == [["manage"]]
+
+
+def test_children_without_a_record_are_not_guessed_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with children(2, monkeypatch) as pids, pytest.raises(LeftoverUnknown) as raised:
         leftover_with(tmp_path, 0)
+    assert "restart the container" in str(raised.value) and str(pids) in str(raised.value)
+
+
+def test_the_app_a_sidecar_watches_is_the_one_the_next_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round trip: one sidecar watches an app (started or restored), dies; the
+    next finds it among the holder's children by the pid the first recorded."""
+
+    async def scenario(app: int) -> tuple[object, FakeHolder]:
+        holder = FakeHolder(tmp_path / "run" / "app.sock", 0)
+        serving = asyncio.ensure_future(holder.serve())
+        first, second = sandbox(tmp_path), sandbox(tmp_path)
+        try:
+            await first.holder.connect(0)
+            first.app_exit(app)
+            await asyncio.gather(*first._adopting)
+            first.holder.close()  # the first sidecar dies; the app is not the holder's now
+            holder.app_pid = 0
+            return await second.leftover(), holder
+        finally:
+            second.holder.close()
+            serving.cancel()
+            holder.listener.close()
+
+    with children(2, monkeypatch) as (_, app):
+        found, holder = asyncio.run(scenario(app))
+    assert found is None
+    assert holder.requests[-2:] == [["manage"], ["adopt", str(app)]]
