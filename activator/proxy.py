@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -411,7 +412,7 @@ class ClientConnection(_Side):
             sock = await maker.socket()
             sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, ("127.0.0.1", app_port))
+                await connect(loop, sock, ("127.0.0.1", app_port))
                 break
             except OSError as exc:
                 sock.close()
@@ -469,6 +470,25 @@ class ClientConnection(_Side):
         elif self.transport is not None:
             # A reset, not a FIN: the client must not mistake this for an answer.
             reset(self.transport)
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+) -> None:
+    """Connect non-blocking `sock` to a numeric `address`. uvloop's sock_connect
+    resolves the address first, even a numeric one: about 90 us of CPU per
+    connection, most of what a new connection through the proxy cost."""
+    error = sock.connect_ex(address)
+    if error == errno.EINPROGRESS:
+        writable = loop.create_future()
+        loop.add_writer(sock, writable.set_result, None)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 def reset(transport: asyncio.Transport) -> None:
