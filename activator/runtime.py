@@ -14,7 +14,7 @@ from activator.config import PodConfig
 from activator.criu import Criu, CriuOptions, find_criu
 from activator.localpod import LocalSandbox
 from activator.report import EventLog
-from netns.pod import become_subreaper
+from netns.pod import become_subreaper, raise_open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def local_agent(
     few_malloc_arenas()  # first: before the threads that would each get an arena
     # Restored apps and the apps we start become our children (see netns.pod).
     become_subreaper()
+    raise_open_files_limit()
     criu = find_criu()
     kdat.ensure_cache(criu)  # start-up work off the wake path
     return Agent(state_root, Criu(criu, criu_options), EventLog(events), LocalSandbox)

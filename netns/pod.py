@@ -27,6 +27,7 @@ from netns.process import (
     SpawnError,
     become_subreaper,
     is_subreaper,
+    raise_open_files_limit,
     spawn_in_pod,
     start_pause,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "is_subreaper",
     "netns_name",
     "netns_path",
+    "raise_open_files_limit",
     "remove_stale_pod",
     "spawn_in_pod",
     "stale_pod",

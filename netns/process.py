@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -44,6 +45,28 @@ _PYTHON = [sys.executable, "-I", "-S"]
 
 DEFAULT_START_TIMEOUT = 5.0
 DEFAULT_STOP_TIMEOUT = 5.0
+
+
+# The limit of open files this process was started with, which the apps it
+# starts get back (see raise_open_files_limit).
+_app_open_files: tuple[int, int] | None = None
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit.
+
+    The activator holds two fds per relayed connection and a few per pod:
+    under the soft limit services commonly start with (1024), a hundred pods
+    with some traffic would run out and refuse connections. The apps that
+    spawn_in_pod starts get the limit this process was started with, as any
+    other launcher would have given them.
+    """
+    global _app_open_files
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _app_open_files is None:
+        _app_open_files = (soft, hard)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def become_subreaper() -> None:
@@ -322,6 +345,7 @@ def spawn_in_pod(
         "argv": list(argv),
         "env": dict(os.environ if env is None else env),
         "cwd": None if cwd is None else os.fspath(cwd),
+        "open_files": _app_open_files,
     }
     # A memfd rather than a pipe: the spec (environment included) can exceed
     # a pipe's buffer, and nothing has to be written concurrently.

@@ -17,6 +17,7 @@ single-threaded, so its fork is safe.
 import ctypes
 import json
 import os
+import resource
 import signal
 import sys
 from typing import Any
@@ -69,6 +70,11 @@ def _exec_app(spec: Any) -> None:
             os.chdir(str(cwd))
         except OSError as exc:
             raise _StepFailed(f"change to directory {cwd!r}", exc) from exc
+    if (open_files := spec.get("open_files")) is not None:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, tuple(open_files))
+        except OSError as exc:
+            raise _StepFailed(f"set the limit of open files to {open_files}", exc) from exc
     # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec:
     # give the application the defaults any other launcher would.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ pytest.importorskip("nftables")
 from pyroute2 import IPRoute  # noqa: E402
 from pyroute2 import netns as pyroute2_netns  # noqa: E402
 
-from netns import bridge, ipam, nft, pod  # noqa: E402
+from netns import bridge, ipam, nft, pod, process  # noqa: E402
 from netns.namespace import NamespaceError, NetnsThread, NetnsWorker, ns_inode  # noqa: E402
 
 TIMEOUT = 5.0
@@ -627,6 +628,26 @@ def test_spawn_in_pod_joins_the_pause_as_our_child_and_session_leader(
     assert len(_nspid(pid)) == 2 and _nspid(pid)[1] > 1
     ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert ppid == os.getpid()
+
+
+def test_apps_get_the_open_files_limit_we_were_started_with(
+    lab: Lab, subreaper: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    started_with = (min(soft, 1024), hard)
+    monkeypatch.setattr(process, "_app_open_files", None)
+    resource.setrlimit(resource.RLIMIT_NOFILE, started_with)
+    try:
+        pod.raise_open_files_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        _, pause = lab.new_pod(pause=True)
+        assert pause is not None
+        pid = lab.spawned(pod.spawn_in_pod(pause.pid, ["sleep", "60"]))
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert line.split()[3:5] == [str(n) for n in started_with], line
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_spawn_passes_fds_env_and_cwd(lab: Lab, subreaper: None, tmp_path: Path) -> None:
