@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -94,6 +95,27 @@ def assert_app_lacks_criu_capabilities(app: int, holder: int) -> None:
 
 def cgroups(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def app_processes(holder: int) -> list[int]:
+    """The holder's children once the CRIU that just ran has gone: the sidecar
+    closes CRIU's socket after a dump or restore, and CRIU ends (and the
+    holder reaps it) a moment later."""
+    deadline = time.monotonic() + 20
+
+    def going(pid: int) -> bool:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+            return b"swrk" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return False
+
+    while True:
+        children = proc.children_of(holder)
+        if not any(going(pid) for pid in children):
+            return children
+        assert time.monotonic() < deadline, f"CRIU still runs in the app container: {children}"
+        time.sleep(0.01)
 
 
 def run_sidecar(pod: Pod, workdir: Path) -> subprocess.Popen[bytes]:
@@ -248,7 +270,7 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
         mark = managed.mark()
         managed.wait_for("scaled-down", after=mark)
         assert managed.pod.state("app") == "CONTAINER_RUNNING"
-        assert proc.children_of(holder.pid) == [], "the app's processes are not gone"
+        assert app_processes(holder.pid) == [], "the app's processes are not gone"
         woke = managed.mark()
         next_count, next_boot = managed.get()
         assert (next_count, next_boot) == (count + 1, boot), "the app restarted cold"
@@ -256,7 +278,7 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
         count = next_count
         assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
         # Restored inside the container: the holder's child, in its cgroups.
-        (app,) = proc.children_of(holder.pid)
+        (app,) = app_processes(holder.pid)
         assert cgroups(app) == cgroups(holder.pid)
         assert_app_lacks_criu_capabilities(app, holder.pid)  # CRIU gave back what it dumped
     deadline = time.monotonic() + 10
@@ -297,7 +319,15 @@ def test_a_bad_annotation_leaves_the_pod_running_unmanaged(managed_pod: StartPod
     unmanaged = managed.wait_for("unmanaged", timeout=START_TIMEOUT)
     assert "zeropod.ctrox.dev/ports-map" in str(unmanaged["message"])
     assert "80x80" in str(unmanaged["message"])
-    first, boot = managed.get()
+    # Reported before the app container starts: its app listens a moment later.
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            first, boot = managed.get()
+            break
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline, "the unmanaged app never served"
+            time.sleep(0.05)
     time.sleep(2.5)  # more than the scale-down duration: nothing happens
     assert managed.get() == (first + 1, boot)
     assert [e["event"] for e in read_events(managed.events)] == ["unmanaged"]
@@ -348,7 +378,7 @@ def test_a_restarted_sidecar_takes_back_a_scaled_down_app_with_its_state(
     managed.restart_sidecar()
     adopted = managed.wait_for("scaled-down", after=back, timeout=START_TIMEOUT)
     assert adopted.get("previous") == "created"
-    assert proc.children_of(holder.pid) == [], "the app was started cold"
+    assert app_processes(holder.pid) == [], "the app was started cold"
     woke = managed.mark()
     assert managed.get() == (count + 1, boot), "the app's memory was lost"
     assert managed.wait_for("running", after=woke).get("previous") == "restoring"
@@ -376,7 +406,7 @@ def test_a_restarted_sidecar_takes_back_a_running_app_as_it_runs(
     # state too; the app is then a restored one.
     assert managed.get() == (count + 1, boot), "the app restarted cold"
     managed.wait_for("scaled-down", after=managed.mark())
-    assert proc.children_of(holder.pid) == []
+    assert app_processes(holder.pid) == []
     woke = managed.mark()
     assert managed.get() == (count + 2, boot)
     assert managed.wait_for("running", after=woke).get("previous") == "restoring"
@@ -475,13 +505,13 @@ def test_a_sidecar_killed_while_criu_restores_brings_the_app_back_with_its_state
     assert "taking the app the last sidecar restored" in managed.sidecar_log()
     assert managed.get() == (count + 1, boot), "the app's memory was lost"
     assert not os.path.exists(f"/proc/{criu}"), "the restore's CRIU is still there"
-    (app,) = proc.children_of(holder.pid)
+    (app,) = app_processes(holder.pid)
     assert cgroups(app) == cgroups(holder.pid)
     assert mount_points(holder.pid) == mounts, "CRIU left a mount in the app container"
     assert holder.alive() and managed.pod.state("app") == "CONTAINER_RUNNING"
     # The app the new sidecar took is managed as before: it scales down and wakes.
     managed.wait_for("scaled-down", after=managed.mark())
-    assert proc.children_of(holder.pid) == []
+    assert app_processes(holder.pid) == []
     woke = managed.mark()
     assert managed.get() == (count + 2, boot)
     assert managed.wait_for("running", after=woke).get("previous") == "restoring"
@@ -525,7 +555,7 @@ def test_a_restarted_sidecar_leaves_the_holders_other_children_alone(
     assert managed.wait_for("running", after=woke).get("previous") == "restoring"
     in_pod = {host_pid_of(pid, proc.children_of(holder.pid)) for pid in others}
     assert None not in in_pod, "a child that is not the app was ended"
-    assert len(proc.children_of(holder.pid)) == 3  # the app and those two
+    assert len(app_processes(holder.pid)) == 3  # the app and those two
 
 
 def test_a_holder_child_nothing_tells_from_the_app_leaves_the_pod_unmanaged_and_open(
