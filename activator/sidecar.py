@@ -311,6 +311,9 @@ class ContainerSandbox:
         await self.redirects.set(self.name, None)
         await self.holder.release()
         self.holder.close()
+        # A plain init now: the next sidecar finds its app running, or a new
+        # container (new pids) if the app ended.
+        self.app_record.unlink(missing_ok=True)
 
 
 def pod_addresses() -> tuple[str, str]:

@@ -343,6 +343,7 @@ def test_stopping_the_pod_as_kubelet_does_leaves_nothing(managed_pod: StartPod) 
     managed.get()
     managed.wait_for("scaled-down", after=managed.mark())
     assert list((managed.shared / "state").iterdir()), "no image to clean up: test is blind"
+    assert (managed.shared / "run" / "app.app").exists(), "no record to clean up: test is blind"
     pause = managed.pod.pause_pid
     managed.pod.cri.stop_container(managed.pod.containers["app"].id, 5)
     assert managed.pod.status("app").exit_code == 0
@@ -355,6 +356,7 @@ def test_stopping_the_pod_as_kubelet_does_leaves_nothing(managed_pod: StartPod) 
     )
     assert "pod_activator" not in tables.stdout
     assert not any((managed.shared / "state").iterdir()), "images left behind"
+    assert not (managed.shared / "run" / "app.app").exists(), "the app's record left behind"
     managed.pod.stop(grace=1)
     assert managed.pod.leftovers() == []
     assert os.path.exists(managed.shared / "bin" / "holder")  # the volume is kubelet's to remove
