@@ -214,6 +214,11 @@ class PodDriver:
         leftover = await self.sandbox.leftover()
         if leftover is not None:
             adopted = await self._adopt(leftover, pending)
+        else:
+            # The app starts cold or, in a sidecar, runs already (restored by
+            # a killed sidecar, then handed to the holder): an image left
+            # here is never used, and it holds the app's memory.
+            shutil.rmtree(self.images, ignore_errors=True)
         self.journal.end()
         try:
             await self.sandbox.create()

@@ -504,6 +504,9 @@ def test_a_sidecar_killed_while_criu_restores_brings_the_app_back_with_its_state
             with contextlib.suppress(ProcessLookupError):
                 os.kill(criu, signal.SIGCONT)
     managed.wait_for("running", after=back, timeout=START_TIMEOUT)
+    image_left = (managed.shared / "state" / "app" / "images").exists()
+    if "checkpointing" not in [e["event"] for e in read_events(managed.events)[back:]]:
+        assert not image_left, "the image the app came back from is still there"
     assert "taking the app the last sidecar restored" in managed.sidecar_log()
     assert managed.get() == (count + 1, boot), "the app's memory was lost"
     assert not os.path.exists(f"/proc/{criu}"), "the restore's CRIU is still there"
