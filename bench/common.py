@@ -328,14 +328,18 @@ class Bench:
         self.check_quiet(f"{stage} (start)")
 
     def result(
-        self, config: dict[str, Any], samples: dict[str, Any], summary: dict[str, Any]
+        self,
+        config: dict[str, Any],
+        samples: dict[str, Any],
+        summary: dict[str, Any],
+        section: Callable[[dict[str, Any], dict[str, str]], list[str]] | None = None,
     ) -> None:
+        """Write the result; print it as `section` (bench.report's) renders it."""
         self.meta["loadavg_end"] = os.getloadavg()
-        write_result(
-            out_dir(self.args),
-            self.name,
-            {"meta": self.meta, "config": config, "samples": samples, "summary": summary},
-        )
+        result = {"meta": self.meta, "config": config, "samples": samples, "summary": summary}
+        write_result(out_dir(self.args), self.name, result)
+        if section is not None:
+            print("\n".join(section(result, {})), flush=True)
 
 
 _BUSY = ("pytest", "activator", "criu", "wrk", "nginx", "sampleapp")
@@ -943,6 +947,46 @@ class Events:
             time.sleep(0.005)
 
 
+def save_plot(fig: Any, out: Path, name: str) -> str:
+    """Write matplotlib figure `fig` as out/name and let it go; its name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def idle_swrks(pid: int) -> list[dict[str, float]]:
+    """The memory of each `criu swrk` under `pid` (the activator's spares while
+    its pods are idle), bytes. USS counts CRIU's binary as private while one
+    swrk alone maps it; the private dirty pages are what each spare adds
+    whatever their number."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError):
+            if "swrk" not in child.cmdline():
+                continue
+            info = child.memory_full_info()
+            rollup = Path(f"/proc/{child.pid}/smaps_rollup").read_text()
+            dirty_kib = sum(
+                int(line.split()[1])
+                for line in rollup.splitlines()
+                if line.startswith("Private_Dirty:")
+            )
+            found.append(
+                {
+                    "uss": float(info.uss),
+                    "pss": float(info.pss),
+                    "rss": float(info.rss),
+                    "private_dirty": dirty_kib * 1024.0,
+                }
+            )
+    return found
+
+
 class Activator:
     """`activator run` with one pod; more pods through its control socket."""
 
@@ -1062,16 +1106,20 @@ class Activator:
         raise BenchError(f"no process running {marker!r} in pod {pod}")
 
     def memory(self) -> dict[str, float]:
+        """The activator process's memory, and its idle CRIU spares' (bytes)."""
         import psutil
 
         proc = psutil.Process(self.pid)
         info = proc.memory_full_info()
+        spares = idle_swrks(self.pid)
         return {
             "rss": float(info.rss),
             "pss": float(getattr(info, "pss", 0)),
             "uss": float(getattr(info, "uss", 0)),
             "threads": float(proc.num_threads()),
             "fds": float(proc.num_fds()),
+            "spares": float(len(spares)),
+            "spares_private_dirty": sum(spare["private_dirty"] for spare in spares),
         }
 
     def cpu_seconds(self) -> float:

@@ -30,13 +30,12 @@ from bench.common import (
     Reply,
     Series,
     base_parser,
-    fmt,
     http_get,
     log,
-    print_table,
     sample_app,
     summarize,
 )
+from bench.report import density_section
 
 MIB = 1048576
 
@@ -214,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
 
         base = mem[f"{stages[0]}/running"]
         summary: dict[str, Any] = {"stages": stages, "memory": {}, "timing": timing}
-        rows = []
         for key, m in mem.items():
             n = int(key.split("/")[0])
             entry = {
@@ -228,26 +226,12 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_ratio": m["rss"] / base["rss"],
                 "rss_added_mib": (m["rss"] - base["rss"]) / MIB,
                 "rss_per_pod_kib": (m["rss"] - base["rss"]) / 1024 / max(1, n - stages[0]),
+                "spares": m["spares"],
+                "spares_private_mib": m["spares_private_dirty"] / MIB,
+                # what the node pays for the activator: itself and its idle CRIUs
+                "total_mib": (m["rss"] + m["spares_private_dirty"]) / MIB,
             }
             summary["memory"][key] = entry
-            rows.append(
-                [
-                    key,
-                    f"{entry['rss_mib']:.1f}",
-                    f"{entry['pss_mib']:.1f}",
-                    f"{entry['uss_mib']:.1f}",
-                    f"{entry['rss_ratio']:.2f}x",
-                    f"{entry['rss_added_mib']:+.1f}",
-                    f"{entry['rss_per_pod_kib']:.0f}" if n > stages[0] else "-",
-                    f"{m['threads']:.0f}",
-                    f"{m['fds']:.0f}",
-                ]
-            )
-        print_table(
-            f"Activator process memory (baseline: {stages[0]} pod running), MiB",
-            ["pods/state", "RSS", "PSS", "USS", "RSS/base", "+RSS", "KiB/pod", "threads", "fds"],
-            rows,
-        )
         s, c = summarize(single["wake_ms"]), summarize(concurrent["wake_ms"])
         summary["wake"] = {
             "pods_managed": len(names),
@@ -260,21 +244,6 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_median": c["median"] / s["median"],
             "ratio_p90": c["p90"] / s["p90"],
         }
-        w = summary["wake"]
-        print_table(
-            f"Wake with {len(names)} pods managed, ms, median [p10-p90]",
-            ["woken", "client first byte", "activator accept->1st", "all served", "vs alone"],
-            [
-                ["one at a time", fmt(s), fmt(w["single_activator"]), "-", "1.00x"],
-                [
-                    f"{together} at once",
-                    fmt(c),
-                    fmt(w["concurrent_activator"]),
-                    fmt(w["all_served_ms"]),
-                    f"{w['ratio_median']:.2f}x",
-                ],
-            ],
-        )
         samples = {
             "memory": mem,
             "single": single.data,
@@ -290,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "teardown_s": stop_s,
             "checkpoint_failures": FAILURES,
         }
-        b.result(config, samples, summary)
+        b.result(config, samples, summary, density_section)
     return 0
 
 

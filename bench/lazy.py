@@ -36,6 +36,7 @@ from bench.common import (
     out_dir,
     print_table,
     sample_app,
+    save_plot,
     summarize,
 )
 from bench.wake_checkpoint import act_cycle, boot_id
@@ -67,10 +68,7 @@ def plot(summary: dict[str, Any], sizes: tuple[int, ...], out: Path) -> str | No
     ax.set_ylabel("wake: connect -> first byte, ms (median, bars p10-p90)")
     ax.set_title("Lazy restore: wake latency by app size")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "lazy.png", dpi=110)
-    plt.close(fig)
-    return "lazy.png"
+    return save_plot(fig, out, "lazy.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ whose timestamps split CRIU's time into start-up + probe, work and exit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -53,16 +52,16 @@ from bench.common import (
     criu_flags,
     criu_log_times,
     criu_restore_start,
-    fmt,
     http_get,
+    idle_swrks,
     kdat_cache,
     log,
     paired,
-    print_table,
     sample_app,
     summarize,
     wait_exit,
 )
+from bench.report import wake_section
 
 SIZES = (16, 128, 512)
 
@@ -188,32 +187,12 @@ def anatomy(raw_log: Path, dump_log: Path) -> dict[str, float]:
 def spare_memory(act: Activator) -> dict[str, list[float]]:
     """Memory of the idle `criu swrk`s an activator keeps for its pods (scaled
     down: each spare waits for a restore), MiB each."""
-    import psutil
-
     time.sleep(0.5)  # a spare starts SPARE_AFTER after its pod's call
-    found: dict[str, list[float]] = {
-        "uss_mib": [],
-        "pss_mib": [],
-        "rss_mib": [],
-        "private_dirty_mib": [],
+    spares = idle_swrks(act.pid)
+    found = {
+        f"{key}_mib": [spare[key] / 1048576 for spare in spares]
+        for key in ("uss", "pss", "rss", "private_dirty")
     }
-    for child in psutil.Process(act.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error, OSError):
-            if "swrk" not in child.cmdline():
-                continue
-            info = child.memory_full_info()
-            # USS counts CRIU's own binary as private while one swrk alone maps
-            # it; the dirty pages are what each spare adds whatever their number.
-            rollup = Path(f"/proc/{child.pid}/smaps_rollup").read_text()
-            dirty = sum(
-                int(line.split()[1])
-                for line in rollup.splitlines()
-                if line.startswith("Private_Dirty:")
-            )
-            found["uss_mib"].append(info.uss / 1048576)
-            found["pss_mib"].append(info.pss / 1048576)
-            found["rss_mib"].append(info.rss / 1048576)
-            found["private_dirty_mib"].append(dirty / 1024)
     log(f"idle criu swrk spares: {found}")
     return found
 
@@ -357,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
                 "pods": len(sizes),
                 **{key: summarize(values) for key, values in spares.items()},
             }
-        wake_rows, ckpt_rows, anat_rows = [], [], []
         for s in sizes:
             a, r, c = series[("activator", s)], series[("raw", s)], series[("cold", s)]
             h = series.get(("no_spares", s), Series())
@@ -407,67 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             summary["wake"][str(s)] = w
             summary["checkpoint"][str(s)] = k
-            wake_rows.append(
-                [
-                    f"{s} MiB",
-                    fmt(w["activator"]),
-                    fmt(w["activator_accept_to_first_byte"]),
-                    fmt(w["raw"]),
-                    fmt(w["cold"]),
-                    fmt(w["ratio_raw"], "x", 2),
-                    fmt(w["ratio_cold"], "x", 2),
-                    fmt(w.get("no_spares", {})),
-                    fmt(w.get("ratio_raw_no_spares", {}), "x", 2),
-                ]
-            )
-            ckpt_rows.append(
-                [
-                    f"{s} MiB",
-                    fmt(k["activator_deadline_to_gone"]),
-                    fmt(k["activator_checkpoint_ms"]),
-                    fmt(k["raw_gone"]),
-                    fmt(k["raw_wall"]),
-                    fmt(k["ratio_gone"], "x", 2),
-                    fmt(k.get("no_spares_deadline_to_gone", {})),
-                    fmt(k.get("ratio_gone_no_spares", {}), "x", 2),
-                    f"{k['activator_image_mib'].get('median', 0):.1f} / "
-                    f"{k['raw_image_mib'].get('median', 0):.1f}",
-                ]
-            )
             p = parts[s]
             an = {key: summarize(p[key]) for key in p.data}
             summary.setdefault("anatomy", {})[str(s)] = an
             samples[f"{s}"]["anatomy"] = p.data
-            anat_rows.append(
-                [
-                    f"{s} MiB",
-                    fmt(an["restore_wall_ms"]),
-                    fmt(an["restore_probe_ms"]),
-                    fmt(an["restore_work_ms"]),
-                    fmt(an["dump_wall_ms"]),
-                    fmt(an["dump_probe_ms"]),
-                    fmt(an["dump_work_ms"]),
-                ]
-            )
-        print_table(
-            f"Wake: connect -> first response byte, ms, median [p10-p90], {reps} reps",
-            ["app", "activator", "(accept->1st)", "raw restore", "cold start", "/raw", "/cold",
-             "no spares", "no spares/raw"],
-            wake_rows,
-        )  # fmt: skip
-        print_table(
-            "Checkpoint: ms, median [p10-p90]; activator: idle deadline -> process gone",
-            ["app", "activator", "(ckpt_ms)", "raw gone", "raw exit", "/raw", "no spares", "/raw",
-             "image MiB a/r"],
-            ckpt_rows,
-        )  # fmt: skip
-        print_table(
-            "CRIU CLI anatomy (-v4 log): wall, before the work (exec+probe), work; ms",
-            ["app", "rst wall", "rst probe", "rst work", "dump wall", "dump probe", "dump work"],
-            anat_rows,
-        )
         if kdat_used:
-            rows = []
             summary["whatif_kdat"] = {}
             for s in whatif_sizes:
                 wa, wr = whatif[("activator", s)], whatif[("raw", s)]
@@ -480,22 +402,6 @@ def main(argv: list[str] | None = None) -> int:
                     "raw_gone": summarize(wr["dump_gone_ms"]),
                 }
                 summary["whatif_kdat"][str(s)] = entry
-                rows.append(
-                    [
-                        f"{s} MiB",
-                        fmt(summary["wake"][str(s)]["activator"]),
-                        fmt(entry["activator_wake"]),
-                        fmt(entry["raw_wake"]),
-                        fmt(summary["checkpoint"][str(s)]["activator_deadline_to_gone"]),
-                        fmt(entry["activator_deadline_to_gone"]),
-                        fmt(entry["raw_gone"]),
-                    ]
-                )
-            print_table(
-                f"What-if: CRIU kdat cache present ({whatif_reps} reps), ms",
-                ["app", "act wake", "+cache", "raw +cache", "act ckpt", "+cache", "raw +cache"],
-                rows,
-            )
         config = {
             "criu_cli_flags": criu_flags(),
             "sizes": list(sizes),
@@ -507,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "anatomy_reps": anatomy_reps,
             "no_spares_variant": "no_spares" in acts,
         }
-        b.result(config, samples, summary)
+        b.result(config, samples, summary, wake_section)
     return 0
 
 

@@ -35,10 +35,10 @@ from bench.common import (
     http_get,
     in_own_directory,
     log,
-    print_table,
     sample_app,
     summarize,
 )
+from bench.report import timeline_section
 
 STEPS = (
     ("connection_opened", "the lifecycle hears of the connection"),
@@ -244,28 +244,14 @@ def main(argv: list[str] | None = None) -> int:
             "default": {},
             "no_spares": {},
         }
-        rows = []
-        for key, text in STEPS:
+        for key, _ in STEPS:
             summary["default"][key] = summarize(default[key])
             summary["no_spares"][key] = summarize(no_spares[key])
-            p, h = summary["default"][key], summary["no_spares"][key]
-            rows.append(
-                [
-                    text,
-                    f"{p['median']:.1f}" if p.get("n") else "-",
-                    f"{h['median']:.1f}" if h.get("n") else "-",
-                ]
-            )
-        print_table(
-            f"Activator wake timeline, {args.hold_mib} MiB app, ms after the client's connect "
-            f"(median of {count})",
-            ["step", "default", "--criu-spares 0"],
-            rows,
-        )
         b.result(
             {"cycles": count, "hold_mib": args.hold_mib},
             {"default": default.data, "no_spares": no_spares.data},
             summary,
+            lambda result, _: timeline_section(result),
         )
     return 0
 

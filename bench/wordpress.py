@@ -45,6 +45,7 @@ from bench.common import (
     log,
     out_dir,
     print_table,
+    save_plot,
     summarize,
 )
 from tests.integration.servers import Scratch, Task, Unavailable
@@ -209,10 +210,7 @@ def plot(summary: dict[str, Any], out: Path) -> str | None:
     ax.set_ylabel("GET of the post's page, ms")
     ax.set_title("WordPress + MariaDB in two pods: one request, pods cold or warm")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "wordpress.png", dpi=110)
-    plt.close(fig)
-    return "wordpress.png"
+    return save_plot(fig, out, "wordpress.png")
 
 
 def _median_of(samples: list[dict[str, Any]], key: str, scale: float = 1.0, unit: str = "") -> str:
