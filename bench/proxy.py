@@ -266,12 +266,14 @@ class CpuReading:
 
 
 def cpu_cost(series: Series, mib: int) -> dict[str, float]:
-    """A path's CPU cost over all its transfers (sums, so ticks average out), and
-    the throughput the machine's CPUs allow at that cost per byte."""
+    """A path's throughput, CPUs busy and CPU cost per byte over all its transfers
+    (sums, so that ticks average out): mib_s = all_cpus_busy / cost, exactly; and
+    the throughput the machine's CPUs allow at that cost, every CPU busy."""
     busy_s = sum(series["machine_cpu_ms"]) / 1000
     wall_s = sum(series["ms"]) / 1000
     moved_mib = mib * len(series["ms"])
     return {
+        "mib_s": moved_mib / wall_s,
         "all_cpus_busy": busy_s / wall_s,
         "cpu_ms_per_100_mib": busy_s * 1000 * 100 / moved_mib,
         "cpu_bound_mib_s": CPUS * moved_mib / busy_s,
@@ -502,11 +504,19 @@ def main(argv: list[str] | None = None) -> int:
             }
             for path, series in transfers.items()
         }
-        relay_bound = t["cpu"]["activator"]["cpu_bound_mib_s"]
-        t["relay_cpu_bound_ratio"] = relay_bound / t["direct_mib_s"]["median"]
-        # What the relayed path may cost per 100 MiB to reach the target on these CPUs.
-        t["cpu_ms_per_100_mib_for_target"] = (
-            CPUS * 100 * 1000 / (TARGET_RATIO * t["direct_mib_s"]["median"])
+        # The relayed/direct throughput over all transfers is, exactly, the ratio of
+        # their CPUs busy times the inverse ratio of their CPU costs per byte.
+        d, a = t["cpu"]["direct"], t["cpu"]["activator"]
+        t["relay_all_ratio"] = a["mib_s"] / d["mib_s"]
+        t["relay_occupancy_factor"] = a["all_cpus_busy"] / d["all_cpus_busy"]
+        t["relay_cost_factor"] = d["cpu_ms_per_100_mib"] / a["cpu_ms_per_100_mib"]
+        relay_bound = a["cpu_bound_mib_s"]
+        t["relay_cpu_bound_ratio"] = relay_bound / d["mib_s"]
+        # What the relayed path may cost per 100 MiB to reach the target: with
+        # every CPU busy, and with as many busy as direct keeps.
+        t["cpu_ms_per_100_mib_for_target"] = CPUS * 100 * 1000 / (TARGET_RATIO * d["mib_s"])
+        t["cpu_ms_per_100_mib_for_target_at_direct_occupancy"] = (
+            d["cpu_ms_per_100_mib"] / TARGET_RATIO
         )
         print_table(
             f"{BIG_MIB} MiB transfers: CPU use, median [p10-p90] per transfer; "
@@ -531,10 +541,13 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )  # fmt: skip
         log(
-            f"the relay's CPU cost allows {relay_bound:.0f} MiB/s = "
-            f"{t['relay_cpu_bound_ratio']:.2f}x direct's median; {TARGET_RATIO}x would need <= "
-            f"{t['cpu_ms_per_100_mib_for_target']:.0f} CPU ms per 100 MiB, it takes "
-            f"{t['cpu']['activator']['cpu_ms_per_100_mib']:.0f}"
+            f"over all transfers, relayed/direct {t['relay_all_ratio']:.2f}x = CPUs busy "
+            f"{t['relay_occupancy_factor']:.2f}x * CPU per byte 1/{1 / t['relay_cost_factor']:.2f}"
+            f"; with every CPU busy the relay's cost allows {relay_bound:.0f} MiB/s = "
+            f"{t['relay_cpu_bound_ratio']:.2f}x direct; {TARGET_RATIO}x needs <= "
+            f"{t['cpu_ms_per_100_mib_for_target']:.0f} CPU ms per 100 MiB (at direct's "
+            f"occupancy <= {t['cpu_ms_per_100_mib_for_target_at_direct_occupancy']:.0f}), it "
+            f"takes {a['cpu_ms_per_100_mib']:.0f}"
         )
         print_table(
             f"{BIG_MIB} MiB transfers ({transfer_reps} per path), MiB/s, median [p10-p90]",
