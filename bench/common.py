@@ -1122,11 +1122,12 @@ class Activator:
             "spares_private_dirty": sum(spare["private_dirty"] for spare in spares),
         }
 
-    def cpu_seconds(self) -> float:
+    def cpu_seconds(self) -> tuple[float, float]:
+        """The activator's CPU time so far: in user space, in the kernel."""
         import psutil
 
         times = psutil.Process(self.pid).cpu_times()
-        return float(times.user + times.system)
+        return float(times.user), float(times.system)
 
     def stop(self, timeout: float = 180) -> float:
         """SIGTERM (the activator removes its pods), SIGKILL after `timeout`."""

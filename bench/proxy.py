@@ -55,13 +55,12 @@ from bench.common import (
     PodSpec,
     Series,
     base_parser,
-    fmt,
     http_get,
     log,
     paired,
-    print_table,
     summarize,
 )
+from bench.report import proxy_section
 
 PROXIED, DIRECT = 8080, 8081
 FAST_DIRECT = "direct to the fast-path pod"
@@ -391,10 +390,13 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(paths) if rep % 2 == 0 else list(reversed(paths))
                 for path in order:
                     host, port, owner = paths[path]
-                    cpu0 = owner.cpu_seconds()
+                    user0, kernel0 = owner.cpu_seconds()
                     r = wrk(client, f"http://{host}:{port}/", conns, close, seconds, script)
-                    cpu = owner.cpu_seconds() - cpu0
-                    r["activator_cpu_us_per_req"] = cpu / max(1, r["requests"]) * 1e6
+                    user, kernel = owner.cpu_seconds()
+                    per_request = 1e6 / max(1, r["requests"])
+                    r["activator_user_us_per_req"] = (user - user0) * per_request
+                    r["activator_kernel_us_per_req"] = (kernel - kernel0) * per_request
+                    r["activator_cpu_us_per_req"] = (user - user0 + kernel - kernel0) * per_request
                     runs[(name, path)].add(**r)
             b.check_quiet(f"wrk rep {rep + 1}")
             p50 = {p: runs[("keepalive-1", p)]["p50"][-1] for p in paths}
@@ -425,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"pod {fast_spec.name}: the fast path closed during the run")
 
         summary: dict[str, Any] = {"scenarios": {}, "transfer": {}}
-        rows = []
         for name, conns, close in SCENARIOS:
             d, a = runs[(name, "direct")], runs[(name, "activator")]
             f, fd = runs[(name, "fast path")], runs[(name, FAST_DIRECT)]
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 "activator_p99_us": summarize(a["p99"]),
                 "added_p99_us": summarize(paired(a["p99"], d["p99"], "diff")),
                 "activator_cpu_us_per_req": summarize(a["activator_cpu_us_per_req"]),
+                "activator_user_us_per_req": summarize(a["activator_user_us_per_req"]),
+                "activator_kernel_us_per_req": summarize(a["activator_kernel_us_per_req"]),
                 "fast_path_rps": summarize(f["rps"]),
                 "fast_pod_direct_rps": summarize(fd["rps"]),
                 "fast_path_ratio_rps": summarize(paired(f["rps"], fd["rps"], "ratio")),
@@ -455,30 +458,6 @@ def main(argv: list[str] | None = None) -> int:
                 "errors": sum(sum(runs[(name, p)]["errors"]) for p in paths),
             }
             summary["scenarios"][name] = entry
-            rows.append(
-                [
-                    name,
-                    fmt(entry["direct_rps"], "", 0),
-                    fmt(entry["activator_rps"], "", 0),
-                    fmt(entry["ratio_rps"], "x", 2),
-                    fmt(entry["fast_pod_direct_rps"], "", 0),
-                    fmt(entry["fast_path_rps"], "", 0),
-                    fmt(entry["fast_path_ratio_rps"], "x", 2),
-                    fmt(entry["direct_p50_us"], "", 0),
-                    fmt(entry["activator_p50_us"], "", 0),
-                    fmt(entry["added_p50_us"], "", 0),
-                    fmt(entry["fast_path_p50_us"], "", 0),
-                    fmt(entry["direct_p99_us"], "", 0),
-                    fmt(entry["activator_p99_us"], "", 0),
-                    fmt(entry["activator_cpu_us_per_req"], "", 1),
-                ]
-            )
-        print_table(
-            f"Small responses (wrk, {seconds:g}s x {reps} per path), median [p10-p90]; us",
-            ["scenario", "direct rps", "act. rps", "ratio", "fast pod direct", "fast rps", "ratio",
-             "p50 d", "p50 a", "+p50", "p50 fast", "p99 d", "p99 a", "act cpu/req"],
-            rows,
-        )  # fmt: skip
         td, ta = transfers["direct"], transfers["activator"]
         tf, tfd = transfers["fast path"], transfers[FAST_DIRECT]
         summary["transfer"] = {
@@ -518,28 +497,6 @@ def main(argv: list[str] | None = None) -> int:
         t["cpu_ms_per_100_mib_for_target_at_direct_occupancy"] = (
             d["cpu_ms_per_100_mib"] / TARGET_RATIO
         )
-        print_table(
-            f"{BIG_MIB} MiB transfers: CPU use, median [p10-p90] per transfer; "
-            f"{background_cpus_busy:.2f} of {CPUS} CPUs busy before, with nothing to transfer",
-            ["path", "CPUs busy", "machine CPU ms", "nginx", "client", "activator", "ksoftirqd",
-             "rest",
-             "CPU ms/100 MiB (all)", "MiB/s the CPUs allow"],
-            [
-                [
-                    path,
-                    fmt(c["cpus_busy"], "", 2),
-                    fmt(c["machine_cpu_ms"], "", 0),
-                    fmt(c["nginx_cpu_ms"], "", 0),
-                    fmt(c["client_cpu_ms"], "", 0),
-                    fmt(c["activator_cpu_ms"], "", 0),
-                    fmt(c["ksoftirqd_cpu_ms"], "", 0),
-                    fmt(c["rest_cpu_ms"], "", 0),
-                    f"{c['cpu_ms_per_100_mib']:.0f}",
-                    f"{c['cpu_bound_mib_s']:.0f}",
-                ]
-                for path, c in t["cpu"].items()
-            ],
-        )  # fmt: skip
         log(
             f"over all transfers, relayed/direct {t['relay_all_ratio']:.2f}x = CPUs busy "
             f"{t['relay_occupancy_factor']:.2f}x * CPU per byte 1/{1 / t['relay_cost_factor']:.2f}"
@@ -549,21 +506,6 @@ def main(argv: list[str] | None = None) -> int:
             f"occupancy <= {t['cpu_ms_per_100_mib_for_target_at_direct_occupancy']:.0f}), it "
             f"takes {a['cpu_ms_per_100_mib']:.0f}"
         )
-        print_table(
-            f"{BIG_MIB} MiB transfers ({transfer_reps} per path), MiB/s, median [p10-p90]",
-            ["direct", "activator", "ratio", "activator CPU ms per transfer", "fast path",
-             "ratio"],
-            [
-                [
-                    fmt(t["direct_mib_s"], "", 0),
-                    fmt(t["activator_mib_s"], "", 0),
-                    fmt(t["ratio"], "x", 2),
-                    fmt(t["activator_cpu_ms"], "", 0),
-                    fmt(t["fast_path_mib_s"], "", 0),
-                    fmt(t["fast_path_ratio"], "x", 2),
-                ]
-            ],
-        )  # fmt: skip
         samples = {
             "wrk": {f"{k[0]}/{k[1]}": v.data for k, v in runs.items()},
             "transfer": {k: v.data for k, v in transfers.items()},
@@ -579,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "nginx": subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip(),
             "wrk": "wrk -t1 (Debian)",
         }
-        b.result(config, samples, summary)
+        b.result(config, samples, summary, proxy_section)
     return 0
 
 
