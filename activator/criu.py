@@ -550,6 +550,9 @@ class _Spare:
             swrk = self.criu._spawn(needs)
         except (CriuError, OSError) as exc:  # the next call starts its own, and says why
             log.debug("no spare criu swrk: %s", exc)
+            with self.spares.lock:
+                if self._wanted(calls):
+                    self.spares.release(self)  # its place to another pod's
             return
         with self.spares.lock:
             kept = self._wanted(calls) and self._swrk is None
