@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.common import RESULTS, log
 
-BENCHES = ("wake_checkpoint", "wake_timeline", "proxy", "density")
+BENCHES = ("wake_checkpoint", "wake_timeline", "proxy", "density", "lazy")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from bench.common import (
     save_plot,
     summarize,
 )
+from bench.report import table
 from bench.wake_checkpoint import act_cycle, boot_id
 
 SIZES = (16, 128, 512)
@@ -151,16 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         config = {"sizes": list(sizes), "reps": reps, "plot": plot(summary, sizes, out)}
         b.result(config, samples, summary)
-        table = "\n".join(
-            ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-            + ["| " + " | ".join(r) + " |" for r in rows]
-        )
         largest = sizes[-1]
         verdict = summary[f"lazy-{largest}"]["wake_ms"]["median"] / lazy_small
         text = (
             "# Lazy restore: wake latency by app size\n\n"
             + __doc__.split("\n\n")[1]
-            + f"\n\n{reps} repetitions; medians [p10-p90].\n\n{table}\n\n"
+            + f"\n\n{reps} repetitions; medians [p10-p90].\n\n{table(headers, rows)}\n\n"
             + f"Lazy wake at {largest} MiB: {verdict:.2f}x the lazy wake at {sizes[0]} MiB "
             + f"(target <= 2x): {'met' if verdict <= 2 else 'missed'}.\n"
             + (f"\n![lazy]({config['plot']})\n" if config["plot"] else "")
