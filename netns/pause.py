@@ -15,7 +15,8 @@ which nobody else reads any more (a full pipe would block the app).
 
 Signals are blocked until their handlers and the wakeup fd are in place, so
 one sent early stays pending instead of being dropped; the handlers only
-wake the select loop, which does the work.
+wake the poll loop, which does the work. poll, not select: the fds it gets
+keep the activator's numbers, which pass 1024 with many pods (select aborts).
 """
 
 import os
@@ -71,12 +72,11 @@ def main(argv: list[str]) -> int:
     draining = False
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
     while True:
-        watched = [wake_r]
-        if lifeline is not None:
-            watched.append(lifeline)
-        if draining and output is not None:
-            watched.append(output)
-        readable, _, _ = select.select(watched, [], [])
+        watched = select.poll()
+        for fd in (wake_r, lifeline, output if draining else None):
+            if fd is not None:
+                watched.register(fd, select.POLLIN)
+        readable = {fd for fd, _ in watched.poll()}
         if wake_r in readable:
             signums = set(os.read(wake_r, 512))
             if signums & _STOP:

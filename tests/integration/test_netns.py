@@ -706,6 +706,33 @@ def test_pause_reaps_orphans_and_stops_on_sigterm(lab: Lab, subreaper: None) -> 
     assert pause.popen.returncode == 0
 
 
+def test_pause_fails_open_with_fds_above_1024(lab: Lab, subreaper: None) -> None:
+    """The pause gets the activator's fd numbers, past 1024 with many pods."""
+    lifeline_r, lifeline_w = os.pipe()
+    output_r, output_w = os.pipe()
+    high = [os.dup2(fd, 1500 + i) for i, fd in enumerate((lifeline_r, output_r))]
+    for fd in (lifeline_r, output_r):
+        os.close(fd)
+    try:
+        network = pod.create_pod(_unique("t-"), subnet=lab.subnet, bridge_name=lab.bridge)
+        fallback = pod.Fallback(high[0], high[1], _unique("t"))
+        pause = pod.start_pause(network.netns_path, fallback=fallback)
+        lab.defer(lambda: pod.destroy_pod(network, pause))
+    finally:
+        for fd in high:
+            os.close(fd)
+    os.close(lifeline_w)  # as if the activator died
+    os.set_blocking(output_w, False)
+    drained = 0
+    deadline = time.monotonic() + 10
+    while drained < 1 << 20 and time.monotonic() < deadline:  # more than a pipe holds
+        with contextlib.suppress(BlockingIOError):
+            drained += os.write(output_w, b"x" * 65536)
+    os.close(output_w)
+    assert drained >= 1 << 20, "the pause does not drain the app's output"
+    assert pause.popen.poll() is None, "the pause ended"
+
+
 def test_pause_in_a_missing_namespace_says_why() -> None:
     missing = f"/run/netns/{_unique('missing-')}"
     with pytest.raises(pod.PauseError, match=rf"{missing}.*exited before it was ready.*nsenter"):
