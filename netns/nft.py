@@ -23,12 +23,21 @@ new connections go to the application directly and are counted:
         tcp dport 8080 counter name "direct"
 
 libnftables talks netlink on sockets of the calling thread's namespace, so
-the Nftables context is created and used on the pod's NetnsThread only.
+the Nftables context is created and used on the pod's NetnsThread only. It
+reads the table; changes go through the `nft` program, started from that
+thread and so in the pod's namespace: libnftables waits for the answer to a
+change with select(), and glibc aborts the whole process when select is given
+an fd above 1023, which its socket gets once the activator holds a thousand
+fds (a hundred pods with their connections). A read waits without select.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from collections.abc import Mapping
+from functools import cache
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -171,6 +180,14 @@ def remove_batch() -> _Json:
     return {"nftables": [{"add": {"table": _table()}}, {"delete": {"table": _table()}}]}
 
 
+@cache
+def _nft_program() -> str:
+    found = shutil.which("nft")
+    if found is None:
+        raise NftError("the nft program is not in PATH: install nftables")
+    return found
+
+
 def _parse_rule(rule: _Json) -> tuple[int, int] | None:
     """(app port, shadow port) of a redirect rule; None for a fast path's counting rule."""
     try:
@@ -198,7 +215,7 @@ class Redirector:
     def __init__(self, thread: NetnsThread) -> None:
         self._thread = thread
 
-    def _run(self, what: str, command: _Json) -> Any:
+    def _read(self, what: str, command: _Json) -> Any:
         def run() -> Any:
             # A context per command, made in the pod's namespace: commands are
             # rare, and a context kept per pod costs memory (density).
@@ -211,9 +228,25 @@ class Redirector:
 
         return self._thread.call(run)
 
+    def _change(self, what: str, batch: _Json) -> None:
+        """Run `batch` as one transaction, with the `nft` program (see above)."""
+
+        def run() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [_nft_program(), "-j", "-f", "-"],
+                input=json.dumps(batch).encode(),
+                capture_output=True,
+                check=False,
+            )
+
+        done = self._thread.call(run)
+        if done.returncode != 0:
+            error = done.stderr.decode(errors="replace").strip()
+            raise NftError(f"nft could not {what} in {self._thread.path}: {error}")
+
     def install(self, redirects: Mapping[int, int]) -> None:
         """Make the table redirect exactly `redirects` (app port -> shadow port). Idempotent."""
-        self._run(f"install table {_FAMILY} {TABLE}", install_batch(redirects))
+        self._change(f"install table {_FAMILY} {TABLE}", install_batch(redirects))
 
     def switch(
         self, redirects: Mapping[int, int], direct_except: tuple[IPv4Network, ...] | None
@@ -221,11 +254,11 @@ class Redirector:
         """Open the fast path (`direct_except`: the sources still redirected)
         or close it (None), on the installed table."""
         what = "open the fast path" if direct_except is not None else "close the fast path"
-        self._run(what, switch_batch(redirects, direct_except))
+        self._change(what, switch_batch(redirects, direct_except))
 
     def direct_connections(self) -> int:
         """How many connections the fast path let through since the table was made."""
-        listing = self._run(
+        listing = self._read(
             "read the fast path's counter",
             {"nftables": [{"list": {"counter": _counter()}}]},
         )
@@ -236,11 +269,11 @@ class Redirector:
 
     def remove(self) -> None:
         """Delete the table. Idempotent."""
-        self._run(f"remove table {_FAMILY} {TABLE}", remove_batch())
+        self._change(f"remove table {_FAMILY} {TABLE}", remove_batch())
 
     def installed(self) -> dict[int, int]:
         """The redirects the table holds now; {} when there is no table."""
-        tables = self._run("list tables", {"nftables": [{"list": {"tables": {}}}]})
+        tables = self._read("list tables", {"nftables": [{"list": {"tables": {}}}]})
         present = any(
             item.get("table", {}).get("family") == _FAMILY
             and item.get("table", {}).get("name") == TABLE
@@ -248,7 +281,7 @@ class Redirector:
         )
         if not present:
             return {}
-        listing = self._run(
+        listing = self._read(
             f"list table {_FAMILY} {TABLE}", {"nftables": [{"list": {"table": _table()}}]}
         )
         redirects: dict[int, int] = {}

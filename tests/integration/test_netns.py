@@ -571,6 +571,36 @@ def test_redirect_sends_outside_traffic_to_the_shadow_port_only(lab: Lab) -> Non
         shadow.close()
 
 
+def test_redirector_works_with_fds_above_1024(lab: Lab) -> None:
+    """libnftables aborts the process on a change once its socket's fd passes
+    1023 (select): the activator holds that many with a hundred pods. In a
+    child process, which an abort does not take the test run with."""
+    network, _ = lab.new_pod()
+    script = textwrap.dedent(
+        f"""
+        import os
+        from netns import nft
+        from netns.namespace import NetnsThread
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+        thread = NetnsThread({str(network.netns_path)!r})
+        redirector = nft.Redirector(thread)
+        redirector.install({{8080: 18080}})
+        redirector.switch({{8080: 18080}}, ())
+        assert redirector.installed() == {{}}, "open: the port is counted, not redirected"
+        redirector.switch({{8080: 18080}}, None)
+        assert redirector.installed() == {{8080: 18080}}
+        redirector.remove()
+        thread.close()
+        print("ok", max(held))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "ok" and int(done.stdout.split()[1]) > 1024
+
+
 def test_redirector_install_replaces_and_reads_back(lab: Lab) -> None:
     network, _ = lab.new_pod()
     redirector = nft.Redirector(lab.thread(network))
