@@ -1103,7 +1103,9 @@ def findings(
                 ("-> request sent", between("swrk_ready", "rpc_sent")),
                 (
                     "-> request sent to the pod's spare `criu swrk`",
-                    between("restore_call", "rpc_sent") if "swrk_spawn" not in at else math.nan,
+                    between("restore_call", "rpc_sent")
+                    if math.isnan(at.get("swrk_spawn", math.nan))
+                    else math.nan,
                 ),
                 (
                     "CRIU's restore (RPC, including CRIU's start-up)",
