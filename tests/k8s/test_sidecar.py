@@ -252,6 +252,15 @@ def managed_pod(containerd: Containerd, tmp_path: Path) -> Iterator[StartPod]:
         managed.pod.stop(grace=1)
 
 
+def running(managed_pod: StartPod) -> tuple[ManagedPod, proc.Process]:
+    """A managed pod whose app runs, and its holder."""
+    managed = managed_pod(MANAGED)
+    managed.wait_for("running", timeout=START_TIMEOUT)
+    holder = proc.Process.of(managed.pod.containers["app"].pid)
+    assert holder is not None
+    return managed, holder
+
+
 def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
     managed_pod: StartPod,
 ) -> None:
@@ -259,10 +268,7 @@ def test_app_container_scales_to_zero_and_wakes_three_times_with_state_and_log(
     container running throughout, its first process (the holder) never
     exits, and the app's output after each wake reaches the container log.
     The app, started cold or restored, lacks the capabilities only CRIU needs."""
-    managed = managed_pod(MANAGED)
-    managed.wait_for("running", timeout=START_TIMEOUT)
-    holder = proc.Process.of(managed.pod.containers["app"].pid)
-    assert holder is not None
+    managed, holder = running(managed_pod)
     (cold,) = proc.children_of(holder.pid)
     assert_app_lacks_criu_capabilities(cold, holder.pid)
     count, boot = managed.get()
@@ -368,10 +374,7 @@ def test_a_restarted_sidecar_takes_back_a_scaled_down_app_with_its_state(
     """The sidecar dies (SIGKILL) while the app is checkpointed; the next one
     finds the holder with no app and the image in the shared volume: the pod
     comes back scaled down, and the next connection restores the same memory."""
-    managed = managed_pod(MANAGED)
-    managed.wait_for("running", timeout=START_TIMEOUT)
-    holder = proc.Process.of(managed.pod.containers["app"].pid)
-    assert holder is not None
+    managed, holder = running(managed_pod)
     count, boot = managed.get()
     managed.wait_for("scaled-down", after=managed.mark())
     managed.crash_sidecar()
@@ -395,10 +398,7 @@ def test_a_restarted_sidecar_takes_back_a_running_app_as_it_runs(
 ) -> None:
     """The sidecar dies while the app runs; the next one watches that app (no
     cold start, no checkpoint on the way in), then scales it down and wakes it."""
-    managed = managed_pod(MANAGED)
-    managed.wait_for("running", timeout=START_TIMEOUT)
-    holder = proc.Process.of(managed.pod.containers["app"].pid)
-    assert holder is not None
+    managed, holder = running(managed_pod)
     count, boot = managed.get()
     managed.crash_sidecar()
     back = managed.mark()
@@ -463,10 +463,7 @@ def test_a_sidecar_killed_while_criu_restores_brings_the_app_back_with_its_state
     hand the app to, so the app is the holder's only child: the new sidecar
     hands it over and serves it with its memory. No CRIU and no mount of
     CRIU's is left, and the app scales down and wakes again."""
-    managed = managed_pod(MANAGED)
-    managed.wait_for("running", timeout=START_TIMEOUT)
-    holder = proc.Process.of(managed.pod.containers["app"].pid)
-    assert holder is not None
+    managed, holder = running(managed_pod)
     mounts = mount_points(holder.pid)
     count, boot = managed.get()
     managed.wait_for("scaled-down", after=managed.mark())
@@ -541,10 +538,7 @@ def test_a_restarted_sidecar_leaves_the_holders_other_children_alone(
     children that are not the app. The next sidecar knows the app by the pid
     it recorded: those two run on untouched, the pod comes back scaled down,
     and the next connection restores the app with its state."""
-    managed = managed_pod(MANAGED)
-    managed.wait_for("running", timeout=START_TIMEOUT)
-    holder = proc.Process.of(managed.pod.containers["app"].pid)
-    assert holder is not None
+    managed, holder = running(managed_pod)
     count, boot = managed.get()
     managed.wait_for("scaled-down", after=managed.mark())
     managed.crash_sidecar()
@@ -570,10 +564,7 @@ def test_a_holder_child_nothing_tells_from_the_app_leaves_the_pod_unmanaged_and_
     children of a holder with no app cannot be told apart: nothing is guessed
     or killed. The container is reported unmanaged with the cause and the fix,
     and its port is no longer redirected to a sidecar port nobody serves."""
-    managed = managed_pod(MANAGED)
-    managed.wait_for("running", timeout=START_TIMEOUT)
-    holder = proc.Process.of(managed.pod.containers["app"].pid)
-    assert holder is not None
+    managed, holder = running(managed_pod)
     managed.get()
     managed.wait_for("scaled-down", after=managed.mark())
     managed.crash_sidecar()

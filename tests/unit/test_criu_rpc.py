@@ -208,20 +208,32 @@ async def _close_ends_the_spare() -> None:
     assert launcher.ended == [launcher.started[0][0]]
 
 
+async def _held_spares(
+    limit: int, pods: int, one_by_one: bool
+) -> tuple[FakeLauncher, list[Criu], list[bool]]:
+    """`pods` pods of one node with `limit` spares each ask for a spare, one
+    after the other (each once the last has its own) or all at once, as
+    many pods scaled down at the same moment; which pods hold one then."""
+    launcher = FakeLauncher(restored(7))
+    node = Criu(Path("criu"), CriuOptions(spares=limit), launcher)
+    criu = [node.ahead() for _ in range(pods)]
+    for pod in criu:
+        pod._spare.prepare(None)  # type: ignore[union-attr]
+        while one_by_one and pod._spare._swrk is None:  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+    while sum(pod._spare._swrk is not None for pod in criu) < limit:  # type: ignore[union-attr]
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # any start still under way ends
+    return launcher, criu, [pod._spare._swrk is not None for pod in criu]  # type: ignore[union-attr]
+
+
 def test_ahead_beyond_the_limit_the_spare_held_longest_is_ended() -> None:
     asyncio.run(_spares_beyond_the_limit())
 
 
 async def _spares_beyond_the_limit() -> None:
-    launcher = FakeLauncher(restored(7))
-    node = Criu(Path("criu"), CriuOptions(spares=2), launcher)
-    pods = [node.ahead() for _ in range(3)]
+    launcher, pods, held = await _held_spares(limit=2, pods=3, one_by_one=True)
     try:
-        for pod in pods:  # one after the other: each pod's call ends in turn
-            pod._spare.prepare(None)  # type: ignore[union-attr]
-            while pod._spare._swrk is None:  # type: ignore[union-attr]
-                await asyncio.sleep(0.01)
-        held = [pod._spare._swrk is not None for pod in pods]  # type: ignore[union-attr]
         assert held == [False, True, True]
         assert launcher.ended == [launcher.started[0][0]]  # ended, not left idle
         started: list[int] = []
@@ -239,16 +251,8 @@ def test_ahead_a_burst_of_calls_leaves_the_last_spares_and_ends_the_others() -> 
 
 
 async def _burst_of_calls() -> None:
-    launcher = FakeLauncher(restored(7))
-    node = Criu(Path("criu"), CriuOptions(spares=2), launcher)
-    pods = [node.ahead() for _ in range(6)]
+    launcher, pods, held = await _held_spares(limit=2, pods=6, one_by_one=False)
     try:
-        for pod in pods:  # as when many pods scale down at the same moment
-            pod._spare.prepare(None)  # type: ignore[union-attr]
-        while pods[-1]._spare._swrk is None or pods[-2]._spare._swrk is None:  # type: ignore[union-attr]
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # any start still under way ends
-        held = [pod._spare._swrk is not None for pod in pods]  # type: ignore[union-attr]
         assert held == [False] * 4 + [True] * 2
         idle = {pid for pid, _ in launcher.started} - set(launcher.ended)
         assert idle == {pod._spare._swrk.pid for pod in pods[-2:]}  # type: ignore[union-attr]
