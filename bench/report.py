@@ -1075,12 +1075,16 @@ def findings(
                 else ""
             )
             + "".join(
-                f" At {x} MiB the restores are bimodal (raw {span(s['wake'][x]['raw'])} ms, "
+                f" At {x} MiB the restores are bimodal (activator "
+                f"{span(s['wake'][x]['activator'])}, raw {span(s['wake'][x]['raw'])} ms, "
                 "median [p10-p90]; CRIU's own work is as spread in the anatomy above): the "
-                "median ratio there says little."
+                f"median ratio there says little. {slow_wakes(wc, x)}"
                 for x in sizes
-                if s["wake"][x]["raw"].get("n")
-                and s["wake"][x]["raw"]["p90"] > 2 * s["wake"][x]["raw"]["p10"]
+                if any(
+                    s["wake"][x][kind].get("n")
+                    and s["wake"][x][kind]["p90"] > 2 * s["wake"][x][kind]["p10"]
+                    for kind in ("activator", "raw")
+                )
             ),
         ]
         if tl:
@@ -1268,6 +1272,23 @@ def findings(
             ]
     out += [""]
     return out
+
+
+def slow_wakes(wc: dict[str, Any], size: str) -> str:
+    """How often each kind's wake at `size` fell in the slow mode."""
+    samples = wc["samples"][size]
+    fastest = min(samples["raw"]["wake_ms"])
+    counts = {
+        kind: sum(ms > 1.25 * fastest for ms in samples[kind]["wake_ms"])
+        for kind in ("activator", "raw", "no_spares")
+        if kind in samples
+    }
+    listed = ", ".join(f"{kind} {n}" for kind, n in counts.items())
+    return (
+        f"Wakes slower than 1.25x the fastest raw one, of {len(samples['raw']['wake_ms'])} "
+        f"each: {listed}. Their restore_ms is as slow: the time is inside CRIU's restore, "
+        "and why it is slow more often for one kind than another is not known yet. "
+    )
 
 
 def relay_bound(t: dict[str, Any]) -> str:
