@@ -1,7 +1,9 @@
 """Wake and checkpoint: the activator against the raw CRIU CLI and a cold start.
 
 For each app size (the sample app holding 16, 128 and 512 MiB) one repetition
-is, in rotating order:
+runs the kinds below in an order shuffled per repetition and size (seeded). A
+rotation kept each kind behind the same other one: the activator always came
+right after a cold start whose app had just freed its memory.
 
 - activator: a pod managed by `activator run`, scaled down by its own idle
   timer. A client (in another pod) connects and sends GET /state: wake = from
@@ -31,6 +33,7 @@ whose timestamps split CRIU's time into start-up + probe, work and exit.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(reps):
             b.settle(f"rep {rep + 1}")
             for s in sizes:
-                order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+                order = random.Random(f"{rep}/{s}").sample(kinds, len(kinds))
                 for kind in order:
                     series[(kind, s)].add(**one(kind, s))
             a16 = series[("activator", sizes[0])]["wake_ms"][-1]
