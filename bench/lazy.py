@@ -17,6 +17,7 @@ Prints the table; writes DIR/lazy.md, lazy.json and lazy.png
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
         for rep in range(reps):
             b.settle(f"rep {rep + 1}")
-            order = keys[rep % len(keys) :] + keys[: rep % len(keys)]  # rotate: no fixed slot
+            # Shuffled (seeded): a rotation keeps each pod behind the same other one.
+            order = random.Random(rep).sample(keys, len(keys))
             for key in order:
                 cycle = act_cycle(
                     act, client, specs[key].name, addresses[key], boots[key], args.idle
