@@ -260,9 +260,6 @@ class Criu:
 
     def using(self, launcher: Launcher) -> Criu:
         """The same CRIU, started by `launcher`."""
-        return self._copy(launcher)
-
-    def _copy(self, launcher: Launcher) -> Criu:
         criu = Criu(self.binary, self.options, launcher)
         criu._spares = self._spares  # one limit for all the activator's pods
         return criu
@@ -275,7 +272,7 @@ class Criu:
         pods hold one. Call from the event loop; close() ends the spare."""
         import asyncio  # here: a CRIU without a pod (the CLI, adoption) needs no loop
 
-        criu = self._copy(self.launcher)
+        criu = self.using(self.launcher)
         criu._spare = _Spare(criu, self._spares, asyncio.get_running_loop())
         return criu
 
