@@ -5,7 +5,8 @@ same numbers (`inherit_fd` names CRIU's own fds), and speak the RPC on its
 socket: one protobuf message (pycriu's rpc_pb2) per SEQPACKET message each way.
 A pod's CRIU can start its next `criu swrk` ahead of the call (`ahead`), so
 that CRIU's own start-up is off the wake's and the checkpoint's path; the pods
-of one activator keep at most `CriuOptions.spares` of those at a time.
+of one activator keep at most `CriuOptions.spares` of those at a time. A
+restore is called from the event loop, a dump from a worker thread (see each).
 
 What lies outside the dumped tree is external and must be given back at
 restore: the pod's namespaces (kept by its pause process) and the pipe the app
@@ -17,6 +18,7 @@ after its activator was killed).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -34,12 +36,9 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from netns import proc
-
-if TYPE_CHECKING:
-    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +269,6 @@ class Criu:
         so that CRIU's start-up (fork, exec, loading) is off the wake's path.
         From the pod's second call on, while fewer than `options.spares` other
         pods hold one. Call from the event loop; close() ends the spare."""
-        import asyncio  # here: a CRIU without a pod (the CLI, adoption) needs no loop
-
         criu = self.using(self.launcher)
         criu._spare = _Spare(criu, self._spares, asyncio.get_running_loop())
         return criu
@@ -307,6 +304,7 @@ class Criu:
         self, pid: int, images: Path, externals: Externals, on_start: OnStart = _nothing
     ) -> int:
         """Checkpoint the tree rooted at `pid` into `images`; return the image size.
+        Blocks (the dump lock, the call): run it in a worker thread.
 
         `on_start` gets CRIU's pid before CRIU touches the app (for the journal)."""
         images.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -326,10 +324,15 @@ class Criu:
             forget_conntrack(images)
         return image_bytes(images)
 
-    def restore(
+    async def restore(
         self, images: Path, externals: Externals, on_start: OnStart = _nothing, lazy: bool = False
     ) -> int:
         """Restore the tree saved in `images` as our child; return its root's pid.
+
+        On the event loop, which the RPC's wait does not hold: with the pod's
+        spare `criu swrk` the wake has no hop to a worker thread and back (on
+        these VMs a thread that slept takes up to a millisecond to run again).
+        Only starting a new `criu swrk` (fork, exec) goes to a thread.
 
         `lazy`: the memory is not copied now but fetched on first touch from a
         `serve_pages` daemon on the same images (userfaultfd)."""
@@ -338,13 +341,15 @@ class Criu:
         opts.rst_sibling = True  # the restored root becomes our child: we reap it
         if "net" in externals.namespaces:
             forget_conntrack(images)  # an image dumped before it was done at dump
-        swrk = self._start(externals)
+        swrk = self._take_spare(externals)
+        if swrk is None:
+            swrk = await asyncio.to_thread(self._spawn, externals)
         for kind in externals.namespaces:
             opts.inherit_fd.add(key=f"pod-{kind}", fd=swrk.fds[kind])
         if externals.output is not None:
             for key in recorded_output_pipes(images):
                 opts.inherit_fd.add(key=key, fd=swrk.fds["output"])
-        response = self._call(rpc.RESTORE, opts, images, swrk, on_start)
+        response = await self._call_on_loop(rpc.RESTORE, opts, images, swrk, on_start)
         if self._spare is not None:
             self._spare.prepare(None)  # the pod's next call dumps it
         return int(response.restore.pid)
@@ -393,11 +398,13 @@ class Criu:
         return opts
 
     def _start(self, needs: Externals | None) -> _Swrk:
-        """A `criu swrk` for a call: the pod's spare if it holds what the call
-        needs (a restore: the pod's namespaces and output pipe), else a new one."""
-        if self._spare is not None and (spare := self._spare.take(_identity(needs))):
-            return spare
-        return self._spawn(needs)
+        """A `criu swrk` for a call: the pod's spare if it serves, else a new one."""
+        return self._take_spare(needs) or self._spawn(needs)
+
+    def _take_spare(self, needs: Externals | None) -> _Swrk | None:
+        """The pod's spare, if it holds what the call needs (a restore: the
+        pod's namespaces and output pipe)."""
+        return self._spare.take(_identity(needs)) if self._spare is not None else None
 
     def _spawn(self, needs: Externals | None) -> _Swrk:
         holds = _identity(needs)
@@ -413,36 +420,67 @@ class Criu:
         return _Swrk(sock, pid, fds, holds, stack)
 
     def _call(self, kind: int, opts: Any, images: Path, swrk: _Swrk, on_start: OnStart) -> Any:
-        """One request to `swrk`, which ends with it; CRIU's answer."""
-        op = rpc.criu_req_type.Name(kind).lower()
-        with swrk.stack:
-            on_start(swrk.pid)
-            request = rpc.criu_req(type=kind, opts=opts)
-            # A CRIU that hangs (seen: a restore from a truncated image waits
-            # forever for a task that died) is ended, so the pod goes on.
+        """One request to `swrk`, which ends with it; CRIU's answer. Blocks."""
+        with swrk.stack, self._failures(kind, opts, images, swrk):
+            self._send(kind, opts, swrk, on_start)
             swrk.sock.settimeout(self.options.timeout)
+            answer = swrk.sock.recvmsg(MAX_MESSAGE)
+        return _response(kind, opts, images, answer)
+
+    async def _call_on_loop(
+        self, kind: int, opts: Any, images: Path, swrk: _Swrk, on_start: OnStart
+    ) -> Any:
+        """`_call`, waiting for the answer without holding the event loop."""
+        loop = asyncio.get_running_loop()
+        with swrk.stack, self._failures(kind, opts, images, swrk):
+            self._send(kind, opts, swrk, on_start)
+            answered = loop.create_future()
+
+            def readable() -> None:
+                if not answered.done():
+                    answered.set_result(None)
+
+            loop.add_reader(swrk.sock, readable)
             try:
-                swrk.sock.send(request.SerializeToString())
-                answer, _, flags, _ = swrk.sock.recvmsg(MAX_MESSAGE)
-            except TimeoutError:
-                if (criu := proc.Process.of(swrk.pid)) is not None:
-                    criu.kill()
-                raise CriuError(
-                    f"criu {op} did not finish within {self.options.timeout:g} s "
-                    f"and was ended{log_tail(images / opts.log_file)}"
-                ) from None
-            except OSError as exc:
-                raise CriuError(
-                    f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}"
-                ) from exc
-            response = rpc.criu_resp()
-            if answer and not flags & socket.MSG_TRUNC:
-                response.ParseFromString(answer)
-            if not response.success or response.type != kind:
-                raise CriuError(
-                    f"criu {op} failed: {_why(response)}{log_tail(images / opts.log_file)}"
-                )
-            return response
+                await asyncio.wait_for(answered, self.options.timeout)
+            finally:
+                loop.remove_reader(swrk.sock)
+            answer = swrk.sock.recvmsg(MAX_MESSAGE, 0, socket.MSG_DONTWAIT)
+        return _response(kind, opts, images, answer)
+
+    def _send(self, kind: int, opts: Any, swrk: _Swrk, on_start: OnStart) -> None:
+        on_start(swrk.pid)
+        swrk.sock.send(rpc.criu_req(type=kind, opts=opts).SerializeToString())
+
+    @contextmanager
+    def _failures(self, kind: int, opts: Any, images: Path, swrk: _Swrk) -> Iterator[None]:
+        """A call's failures as CriuErrors. A CRIU that hangs (seen: a restore
+        from a truncated image waits forever for a task that died) is ended
+        at the timeout, so the pod goes on."""
+        op = rpc.criu_req_type.Name(kind).lower()
+        try:
+            yield
+        except TimeoutError:
+            if (criu := proc.Process.of(swrk.pid)) is not None:
+                criu.kill()
+            raise CriuError(
+                f"criu {op} did not finish within {self.options.timeout:g} s "
+                f"and was ended{log_tail(images / opts.log_file)}"
+            ) from None
+        except OSError as exc:
+            raise CriuError(f"criu {op} failed: {exc}{log_tail(images / opts.log_file)}") from exc
+
+
+def _response(kind: int, opts: Any, images: Path, answer: tuple[bytes, Any, int, Any]) -> Any:
+    """CRIU's answer to a call of `kind`, or the CriuError of its failure."""
+    data, _, flags, _ = answer
+    response = rpc.criu_resp()
+    if data and not flags & socket.MSG_TRUNC:
+        response.ParseFromString(data)
+    if not response.success or response.type != kind:
+        op = rpc.criu_req_type.Name(kind).lower()
+        raise CriuError(f"criu {op} failed: {_why(response)}{log_tail(images / opts.log_file)}")
+    return response
 
 
 def _why(response: Any) -> str:

@@ -1,22 +1,22 @@
 """The driver of one pod: feeds the lifecycle events and carries out its commands.
 
 All I/O of a pod happens here or below (proxy, CRIU, the sandbox); all the
-decisions are the lifecycle's. Blocking work (CRIU, spawning) runs in threads
-so the event loop keeps accepting and relaying for every pod.
+decisions are the lifecycle's. Blocking work (a dump, spawning, sealing) runs
+in threads so the event loop keeps accepting and relaying for every pod; a
+restore's RPC waits on the loop itself, the shorter path for a wake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Collection, Coroutine, Mapping
+from collections.abc import Collection, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -288,25 +288,28 @@ class PodDriver:
         if found := preflight.problems(pid, self.criu.launcher.credentials()):
             raise CriuError("cannot checkpoint: " + "; ".join(found))
         if self.config.image_key is None:
-            return self._criu("checkpoint", images, self.criu.dump, pid, images, externals)
+            with self._journaled("checkpoint", images):
+                return self.criu.dump(pid, images, externals, self.journal.criu_started)
         plain = self._plain_dir("dump")
         try:
-            size = self._criu("checkpoint", plain, self.criu.dump, pid, plain, externals)
+            with self._journaled("checkpoint", plain):
+                size = self.criu.dump(pid, plain, externals, self.journal.criu_started)
             self._seal(plain, images)
             return size
         finally:
             shutil.rmtree(plain, ignore_errors=True)
 
-    def _restore_from_images(self) -> int:
+    async def _restore_from_images(self) -> int:
         externals = self.sandbox.externals()
         key = self.config.image_key
         if key is None:
             lazy = self.config.lazy_restore
             if lazy:
-                self._page_server = self.criu.serve_pages(self.images)
+                self._page_server = await asyncio.to_thread(self.criu.serve_pages, self.images)
             try:
-                restore = functools.partial(self.criu.restore, lazy=lazy)
-                return self._criu("restore", self.images, restore, self.images, externals)
+                with self._journaled("restore", self.images):
+                    started = self.journal.criu_started
+                    return await self.criu.restore(self.images, externals, started, lazy=lazy)
             except CriuError:
                 self._stop_page_server()  # a lazy restore's, if any
                 raise
@@ -314,10 +317,11 @@ class PodDriver:
 
         plain = self._plain_dir("restore")
         try:
-            sealed.unseal(self.images, plain, key)
-            return self._criu("restore", plain, self.criu.restore, plain, externals)
+            await asyncio.to_thread(sealed.unseal, self.images, plain, key)
+            with self._journaled("restore", plain):
+                return await self.criu.restore(plain, externals, self.journal.criu_started)
         finally:
-            shutil.rmtree(plain, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, plain, True)
 
     def _stop_page_server(self) -> None:
         server, self._page_server = self._page_server, None
@@ -325,11 +329,13 @@ class PodDriver:
             server.kill()  # our child: ends the lazy pages of an app that is gone
             server.wait()
 
-    def _criu(self, kind: str, images: Path, call: Callable[..., int], *args: Any) -> int:
-        """A CRIU call, journaled while it runs."""
+    @contextlib.contextmanager
+    def _journaled(self, kind: str, images: Path) -> Iterator[None]:
+        """A CRIU call on `images`, journaled while it runs (its CRIU's pid
+        comes from the call: `journal.criu_started`)."""
         self.journal.begin(kind, images)
         try:
-            return call(*args, on_start=self.journal.criu_started)
+            yield
         finally:
             self.journal.end()
 
@@ -580,7 +586,7 @@ class PodDriver:
     async def _restore(self) -> None:
         started = time.monotonic()
         try:
-            pid = await asyncio.to_thread(self._restore_from_images)
+            pid = await self._restore_from_images()
         except CriuError as exc:
             await self.sandbox.end_remains()  # a half-restored tree would hold the port
             # Keep the image that failed for a post-mortem; the next checkpoint replaces it.

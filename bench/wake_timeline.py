@@ -42,7 +42,7 @@ from bench.report import timeline_section
 
 STEPS = (
     ("connection_opened", "the lifecycle hears of the connection"),
-    ("restore_call", "CRIU restore called (worker thread)"),
+    ("restore_call", "CRIU restore called"),
     ("swrk_spawn", "`criu swrk` being started (fork, exec)"),
     ("swrk_ready", "`criu swrk` started (its pid known)"),
     ("rpc_sent", "restore request sent on its socket"),
@@ -99,11 +99,11 @@ def instrument(marks: Marks) -> Callable[[], None]:
         return wrapper
 
     def call(original: Any) -> Any:
-        # Criu._call sends the request, reads the answer and closes the socket
-        # (the swrk then ends by itself; it is reaped at the next start).
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Criu._call_on_loop sends the request, waits for the answer and closes
+        # the socket (the swrk then ends by itself; it is reaped at the next start).
+        async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             marks.mark("rpc_sent")
-            result = original(self, *args, **kwargs)
+            result = await original(self, *args, **kwargs)
             marks.mark("rpc_done")
             return result
 
@@ -138,7 +138,7 @@ def instrument(marks: Marks) -> Callable[[], None]:
 
     wrap(criu_mod.Criu, "restore", restore)
     wrap(criu_mod, "_swrk", swrk)  # LocalLauncher.swrk looks it up at each call
-    wrap(criu_mod.Criu, "_call", call)
+    wrap(criu_mod.Criu, "_call_on_loop", call)
     wrap(proxy.ClientConnection, "forward", forward)
     wrap(proxy._Upstream, "data_received", data_received)
     wrap(pod_mod.PodDriver, "feed", feed)

@@ -145,7 +145,7 @@ class FakeCriu:
         self.dumps += 1
         return 100
 
-    def restore(
+    async def restore(
         self, images: Path, externals: Externals, on_start: OnStart, lazy: bool = False
     ) -> int:
         on_start(os.getpid())

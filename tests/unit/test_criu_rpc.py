@@ -99,7 +99,8 @@ def test_a_restore_is_one_request_and_its_answer_names_the_app(
 ) -> None:
     launcher = FakeLauncher(restored(4242))
     started: list[int] = []
-    pid = Criu(Path("criu"), launcher=launcher).restore(tmp_path, ext, on_start=started.append)
+    criu = Criu(Path("criu"), launcher=launcher)
+    pid = asyncio.run(criu.restore(tmp_path, ext, on_start=started.append))
     assert pid == 4242
     assert started == [launcher.started[0][0]]  # the journal learns CRIU's pid
     (request,) = launcher.requests
@@ -119,15 +120,19 @@ def test_a_failed_call_says_what_criu_said(tmp_path: Path, ext: Externals) -> No
 
     (tmp_path / "restore.log").write_text("(00.01) Error (criu/cr-restore.c:1): no such task\n")
     with pytest.raises(CriuError, match=r"(?s)criu restore failed: No such process.*no such task"):
-        Criu(Path("criu"), launcher=FakeLauncher(refuse)).restore(tmp_path, ext)
+        asyncio.run(Criu(Path("criu"), launcher=FakeLauncher(refuse)).restore(tmp_path, ext))
 
 
 def test_a_criu_that_ends_without_answering_is_a_failure(tmp_path: Path, ext: Externals) -> None:
     with pytest.raises(CriuError, match="ended without an answer"):
-        Criu(Path("criu"), launcher=FakeLauncher(lambda request: b"")).restore(tmp_path, ext)
+        criu = Criu(Path("criu"), launcher=FakeLauncher(lambda request: b""))
+        asyncio.run(criu.restore(tmp_path, ext))
 
 
-def test_a_criu_that_hangs_is_ended_after_the_timeout(tmp_path: Path, ext: Externals) -> None:
+@pytest.mark.parametrize("call", ["restore", "dump"])  # from the loop, from a thread
+def test_a_criu_that_hangs_is_ended_after_the_timeout(
+    tmp_path: Path, ext: Externals, call: str
+) -> None:
     launcher = FakeLauncher(lambda request: b"")
 
     def hang(sock: socket.socket) -> None:
@@ -138,7 +143,10 @@ def test_a_criu_that_hangs_is_ended_after_the_timeout(tmp_path: Path, ext: Exter
     launcher._serve = hang  # type: ignore[method-assign]
     criu = Criu(Path("criu"), CriuOptions(timeout=0.2), launcher)
     with pytest.raises(CriuError, match=r"did not finish within 0\.2 s and was ended"):
-        criu.restore(tmp_path, ext)
+        if call == "restore":
+            asyncio.run(criu.restore(tmp_path, ext))
+        else:
+            criu.dump(os.getpid(), tmp_path / "images", ext)
     assert launcher.statuses == [-9]  # killed by the timeout, not the fake's SIGTERM
 
 
@@ -159,7 +167,7 @@ async def _restore_after_a_dump(tmp_path: Path, ext: Externals) -> None:
             await asyncio.sleep(0.01)
         spare_pid = launcher.started[0][0]
         started: list[int] = []
-        assert await asyncio.to_thread(criu.restore, tmp_path, ext, started.append) == 7
+        assert await criu.restore(tmp_path, ext, started.append) == 7
         assert started == [spare_pid]  # the spare served it: no new swrk on the wake's path
         given = {fd.key: fd.fd for fd in launcher.requests[0].opts.inherit_fd}
         assert sorted(given.values()) == sorted(launcher.started[0][1][:2])
@@ -183,7 +191,7 @@ async def _spare_for_another_pipe(tmp_path: Path, ext: Externals) -> None:
         r, other_output = os.pipe()  # the pod's output pipe is another one now
         other = Externals(ext.namespaces, output=other_output)
         started: list[int] = []
-        await asyncio.to_thread(criu.restore, tmp_path, other, started.append)
+        await criu.restore(tmp_path, other, started.append)
         spare_pid = launcher.started[0][0]
         assert spare_pid in launcher.ended
         assert started == [launcher.started[1][0]] and started[0] != spare_pid
@@ -237,9 +245,7 @@ async def _spares_beyond_the_limit() -> None:
         assert held == [False, True, True]
         assert launcher.ended == [launcher.started[0][0]]  # ended, not left idle
         started: list[int] = []
-        await asyncio.to_thread(
-            pods[0].restore, Path("/nonexistent"), Externals({}), started.append
-        )
+        await pods[0].restore(Path("/nonexistent"), Externals({}), started.append)
         assert started == [launcher.started[3][0]]  # the first pod starts its own again
     finally:
         for pod in pods:
