@@ -686,6 +686,18 @@ def sample_app(hold_mib: int = 0, port: int = APP_PORT) -> tuple[str, ...]:
 # -- the CRIU command line, with the options the activator gives CRIU ---------------------
 
 
+def criu_cli() -> list[str]:
+    """How the raw baselines run CRIU: the binary itself, without the shell of
+    scripts/setup's wrapper (1-2 ms a call), as a packaged /usr/sbin/criu runs
+    and as the activator starts its `criu swrk`."""
+    from activator.criu import CriuNotFound, criu_command
+
+    try:
+        return criu_command("")
+    except CriuNotFound:
+        return [str(CRIU)]
+
+
 def image_bytes(images: Path) -> int:
     """Like activator.criu.image_bytes: the size of the *.img files."""
     return sum(p.stat().st_size for p in images.iterdir() if p.is_file() and p.suffix == ".img")
@@ -729,7 +741,7 @@ def criu_dump(pid: int, images: Path, pod: RawPod, verbosity: int | None = None)
     its CriuOptions (tcp-close, file locks, log level), the app killed after."""
     images.mkdir(mode=0o700, parents=True, exist_ok=True)
     argv = [
-        str(CRIU), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
+        *criu_cli(), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
         "--external", f"net[{os.stat(pod.ns_file('net')).st_ino}]:pod-net",
         "--external", f"pid[{os.stat(pod.ns_file('pid')).st_ino}]:pod-pid",
         "--network-lock", "skip", "--skip-in-flight", *criu_flags(verbosity),
@@ -798,7 +810,7 @@ def criu_restore_start(images: Path, pod: RawPod, verbosity: int | None = None) 
     pidfile = images.parent / f"{images.name}.pid"
     pidfile.unlink(missing_ok=True)
     argv = [
-        str(CRIU), "restore", "-D", str(images), "-o", "restore.log",
+        *criu_cli(), "restore", "-D", str(images), "-o", "restore.log",
         "--restore-detached", "--restore-sibling", "--pidfile", str(pidfile),
         "--inherit-fd", f"fd[{net}]:pod-net", "--inherit-fd", f"fd[{pidns}]:pod-pid",
         "--inherit-fd", f"fd[{pod.out_w}]:pipe:[{os.fstat(pod.out_w).st_ino}]",

@@ -1235,10 +1235,17 @@ def findings(
             "connects, and two transports. Already done: upstream sockets are made in the "
             "pod's namespace in batches (one hop to its thread per two connections) and "
             "connected without uvloop's resolver, which looked up even a numeric address "
-            "(514 us of CPU per connection before both, measured the same way). What would "
-            "close it: the fast path, where new connections do not pass through the "
+            "(514 us of CPU per connection before both, measured the same way). "
+            + (
+                f"The kernel's part alone, {med(close['activator_kernel_us_per_req']):.0f} us, "
+                "is over 100 us: a relay in native code would take off the user-space part "
+                "and still miss the target. "
+                if med(close.get("activator_kernel_us_per_req")) > 100
+                else "A relay in native code would take off the user-space part. "
+            )
+            + "What closes it is the fast path, where new connections do not pass through the "
             f"activator (`close-1` at {med(close['fast_path_ratio_rps']):.2f}x direct, "
-            f"{med(close['fast_path_added_p50_us']):+.0f} us p50), or a relay in native code.",
+            f"{med(close['fast_path_added_p50_us']):+.0f} us p50).",
         ]
     if dn:
         mem = dn["summary"]["memory"]
@@ -1317,6 +1324,22 @@ def relay_bound(t: dict[str, Any]) -> str:
     )
 
 
+def cli_note(config: dict[str, Any]) -> list[str]:
+    if "criu_cli" not in config:  # runs before 2026-11-30 went through the wrapper
+        return [
+            "- The raw CLI ran through scripts/setup's wrapper script (`.venv/bin/criu`), whose "
+            "shell adds about 1.4 ms a call: those ratios flatter the activator by that much."
+        ]
+    return [
+        "- The raw CLI is CRIU's binary run through its loader (`"
+        + " ".join(Path(part).name for part in config["criu_cli"][:1])
+        + " ... criu`), without the shell of scripts/setup's wrapper, as a packaged "
+        "/usr/sbin/criu runs and as the activator starts `criu swrk`. Until 2026-11-30 it ran "
+        "through the wrapper, whose shell added about 1.4 ms a call and flattered the activator "
+        "by that much."
+    ]
+
+
 def method_section(
     wc: dict[str, Any] | None, px: dict[str, Any] | None, dn: dict[str, Any] | None
 ) -> list[str]:
@@ -1335,6 +1358,7 @@ def method_section(
         "`restore --restore-detached --restore-sibling --inherit-fd fd[N]:pod-net "
         "--inherit-fd fd[M]:pod-pid --inherit-fd fd[K]:pipe:[INO] FLAGS`, FLAGS being the "
         f"activator's CriuOptions defaults: `{' '.join(flags)}`.",
+        *cli_note((wc or {}).get("config", {})),
         "- Raw and cold first bytes are polled: connect refused -> retry every 1 ms (up to ~1 ms "
         "of the figure); the activator's wake needs no polling (the connection is held).",
         "- Images live under /var/tmp (ext4, page cache), as the activator's state dir would.",

@@ -51,6 +51,7 @@ from bench.common import (
     RawPod,
     Series,
     base_parser,
+    criu_cli,
     criu_dump,
     criu_flags,
     criu_log_times,
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["whatif_kdat"][str(s)] = entry
         config = {
             "criu_cli_flags": criu_flags(),
+            "criu_cli": criu_cli(),
             "sizes": list(sizes),
             "reps": reps,
             "idle_s": args.idle,
