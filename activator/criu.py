@@ -339,8 +339,6 @@ class Criu:
         opts = self._common_opts(images, "restore.log")
         opts.lazy_pages = lazy
         opts.rst_sibling = True  # the restored root becomes our child: we reap it
-        if "net" in externals.namespaces:
-            forget_conntrack(images)  # an image dumped before it was done at dump
         swrk = self._take_spare(externals)
         if swrk is None:
             swrk = await asyncio.to_thread(self._spawn, externals)
@@ -657,7 +655,9 @@ def forget_conntrack(images: Path) -> None:
     waits for an answer that never comes (entries that expired since the
     dump came back to life too). The app's own connections are closed at the
     dump (tcp_close): nothing in the table is the image's to restore. The
-    images are raw netlink messages: empty means no entry.
+    images are raw netlink messages: empty means no entry. Done as a dump's
+    last step (by the next activator for a dump a killed one left), not on
+    the wake's path.
     """
     for pattern in ("netns-ct-*.img", "netns-exp-*.img"):
         for table in images.glob(pattern):

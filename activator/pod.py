@@ -26,7 +26,7 @@ from activator import commands as c
 from activator import events as e
 from activator import preflight
 from activator.config import PodConfig
-from activator.criu import Criu, CriuError, Externals, Launcher
+from activator.criu import Criu, CriuError, Externals, Launcher, forget_conntrack
 from activator.journal import Journal, Operation, wait_for_exit
 from activator.lifecycle import Lifecycle, Phase, Policy
 from activator.probes import ProbeMemory, Verdict
@@ -264,8 +264,12 @@ class PodDriver:
         staging = self.state_dir / "images.new"
         if pending is not None and pending.kind == "checkpoint":
             written = Path(pending.images)
-            if written != staging and (written / "stats-dump").exists():
-                await asyncio.to_thread(self._seal, written, staging)
+            if (written / "stats-dump").exists():
+                # Criu.dump's last step, which the killed activator missed (the
+                # restore relies on it and stays short: it does not repeat it).
+                forget_conntrack(written)
+                if written != staging:
+                    await asyncio.to_thread(self._seal, written, staging)
         if pending is not None and not Path(pending.images).is_relative_to(self.state_dir):
             shutil.rmtree(pending.images, ignore_errors=True)  # the plaintext of a sealed image
         if (staging / "stats-dump").exists():

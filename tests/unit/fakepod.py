@@ -87,12 +87,14 @@ class FakeSandbox:
         self.redirects: dict[int, int] = {}
         self.destroyed = False
         self.spawn_error: str | None = None
+        self.left: object | None = None  # what a killed activator left (an app_pid)
 
-    async def leftover(self) -> None:
-        return None
+    async def leftover(self) -> object | None:
+        return self.left
 
     async def remove_leftover(self, leftover: object) -> None:
-        raise AssertionError("no leftover to remove")
+        assert leftover is self.left is not None, "no leftover to remove"
+        self.left = None
 
     async def create(self) -> None:
         pass
@@ -191,15 +193,23 @@ class Harness:
 Scenario = Callable[[Harness], Awaitable[None]]
 
 
-def run(tmp_path: Path, scenario: Scenario, app: str = "sampleapp", **settings: Any) -> None:
+def run(
+    tmp_path: Path,
+    scenario: Scenario,
+    app: str = "sampleapp",
+    leftover: object | None = None,
+    **settings: Any,
+) -> None:
     """Run `scenario` against a started pod on uvloop; stop the pod whatever happens.
 
+    `leftover`: what the sandbox finds of a killed activator's pod at start.
     `settings` override PodConfig fields (scale-down after 0.3 s by default).
     """
 
     async def main() -> None:
         port = free_port()
         sandbox, criu, reports = FakeSandbox(), FakeCriu(app, port), Reports()
+        sandbox.left = leftover
         config = PodConfig(name="t", ports=(port,), command=(app, str(port)), scaledown_after=0.3)
         config = dataclasses.replace(config, **settings)
         pod = PodDriver(config, sandbox, criu, tmp_path / "t", reports)  # type: ignore[arg-type]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from activator.journal import Journal
 from activator.lifecycle import Phase
 
 from .fakepod import Harness, get, run, until
@@ -116,3 +119,26 @@ def test_an_image_a_killed_activator_had_not_deleted_yet_is_no_obstacle(
 
     run(tmp_path, scenario)
     assert "internal error" not in caplog.text
+
+
+def test_a_dump_a_killed_activator_left_is_kept_with_its_last_step_done(tmp_path: Path) -> None:
+    """The journal names a checkpoint whose CRIU finished after its activator
+    was killed: the next one keeps the image and empties its conntrack table,
+    the dump's last step (forget_conntrack), which a restore does not repeat."""
+    written = tmp_path / "t" / "images.new"
+    written.mkdir(parents=True)
+    (written / "stats-dump").write_bytes(b"complete")
+    (written / "pages-1.img").write_bytes(b"x" * 100)
+    (written / "netns-ct-9.img").write_bytes(b"the table at the dump")
+    journal = Journal(tmp_path / "t")
+    journal.begin("checkpoint", written)
+    gone = subprocess.Popen(["true"])  # its CRIU: ended, nothing to wait for
+    gone.wait()
+    journal.criu_started(gone.pid)
+
+    async def scenario(harness: Harness) -> None:
+        assert harness.pod.lifecycle.phase is Phase.SCALED_DOWN
+        assert (harness.pod.images / "netns-ct-9.img").stat().st_size == 0
+        assert (await get(harness.shadow_port)).startswith(b"HTTP/1.1 200 OK")
+
+    run(tmp_path, scenario, leftover=SimpleNamespace(app_pid=None))
