@@ -256,6 +256,8 @@ class Criu:
         self.launcher = launcher or LocalLauncher(binary)
         self._spare: _Spare | None = None
         self._spares = _Spares(self.options.spares)
+        # The output pipes of this CRIU's last dump: (its record's identity, keys).
+        self._dumped_pipes: tuple[tuple[int, int], list[str]] | None = None
 
     def using(self, launcher: Launcher) -> Criu:
         """The same CRIU, started by `launcher`."""
@@ -313,11 +315,13 @@ class Criu:
         opts.leave_running = False
         for kind, path in externals.namespaces.items():
             opts.external.append(f"{kind}[{os.stat(path).st_ino}]:pod-{kind}")
+        pipes = output_pipes(pid)
         fd = os.open(images / OUTPUT_PIPES, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w") as record:
-            json.dump(output_pipes(pid), record)
+            json.dump(pipes, record)
         with self._dump_lock(pid):
             self._call(rpc.DUMP, opts, images, self._start(None), on_start)
+        self._dumped_pipes = (_file_identity(images / OUTPUT_PIPES), pipes)
         if self._spare is not None:
             self._spare.prepare(externals)  # the pod's next call restores it
         if "net" in externals.namespaces:
@@ -345,7 +349,7 @@ class Criu:
         for kind in externals.namespaces:
             opts.inherit_fd.add(key=f"pod-{kind}", fd=swrk.fds[kind])
         if externals.output is not None:
-            for key in recorded_output_pipes(images):
+            for key in self._recorded_pipes(images):
                 opts.inherit_fd.add(key=key, fd=swrk.fds["output"])
         response = await self._call_on_loop(rpc.RESTORE, opts, images, swrk, on_start)
         if self._spare is not None:
@@ -394,6 +398,18 @@ class Criu:
         for name, value in self.options.extra.items():
             setattr(opts, name, value)
         return opts
+
+    def _recorded_pipes(self, images: Path) -> list[str]:
+        """The output pipes recorded with `images`: those of our last dump if
+        its record is there (the pod renames the directory), known without
+        reading it: one file read less on the wake's path, and its page may
+        have been evicted while the pod was scaled down."""
+        if self._dumped_pipes is not None:
+            record, pipes = self._dumped_pipes
+            with contextlib.suppress(OSError):
+                if _file_identity(images / OUTPUT_PIPES) == record:
+                    return pipes
+        return recorded_output_pipes(images)
 
     def _start(self, needs: Externals | None) -> _Swrk:
         """A `criu swrk` for a call: the pod's spare if it serves, else a new one."""
@@ -629,6 +645,11 @@ def output_pipes(pid: int) -> list[str]:
             if (target := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("pipe:["):
                 keys.append(target)
     return sorted(set(keys))
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
 
 
 def recorded_output_pipes(images: Path) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from activator import criu as criu_module
 from activator.criu import Criu, CriuError, CriuOptions, Externals, rpc
 
 Answer = Callable[[Any], bytes]  # the request -> the bytes CRIU sends back
@@ -111,6 +112,34 @@ def test_a_restore_is_one_request_and_its_answer_names_the_app(
     given = {fd.key: fd.fd for fd in request.opts.inherit_fd}
     assert set(given) == {"pod-net", "pod-pid"}
     assert sorted(given.values()) == sorted(launcher.started[0][1][:2])
+
+
+def test_a_restore_after_our_dump_knows_its_output_pipes_without_reading_the_record(
+    tmp_path: Path, ext: Externals, pipe: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launcher = FakeLauncher(restored(7))
+    criu = Criu(Path("criu"), launcher=launcher)
+    app = subprocess.Popen(["sleep", "60"], stdout=pipe)
+    try:
+        criu.dump(app.pid, tmp_path / "images.new", ext)
+    finally:
+        app.kill()
+        app.wait()
+    (tmp_path / "images.new").rename(tmp_path / "images")  # as the pod keeps an image
+
+    def unread(images: Path) -> list[str]:
+        raise AssertionError(f"{images}: the record was read")
+
+    monkeypatch.setattr(criu_module, "recorded_output_pipes", unread)
+    asyncio.run(criu.restore(tmp_path / "images", ext))
+    keys = {fd.key for fd in launcher.requests[-1].opts.inherit_fd}
+    assert f"pipe:[{os.fstat(pipe).st_ino}]" in keys
+    # Another record there (a sealed image's, unsealed anew): it is read.
+    monkeypatch.undo()
+    (tmp_path / "images" / "output-pipes.json").write_text('["pipe:[1]"]')
+    asyncio.run(criu.restore(tmp_path / "images", ext))
+    keys = {fd.key for fd in launcher.requests[-1].opts.inherit_fd}
+    assert "pipe:[1]" in keys and f"pipe:[{os.fstat(pipe).st_ino}]" not in keys
 
 
 def test_a_failed_call_says_what_criu_said(tmp_path: Path, ext: Externals) -> None:
