@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import math
 import os
 import platform
 import queue
@@ -67,13 +68,33 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def median_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """A 95% confidence interval of the median, free of any assumption on
+    the distribution: the order statistics j and k of n values that hold the
+    median with probability >= 0.95 (Binomial(n, 1/2) tails, each <= 2.5%).
+    Too few values for one (n < 6): the whole range."""
+    ordered = sorted(values)
+    n = len(ordered)
+    below = 0.0  # P(Binomial(n, 1/2) <= j)
+    j = -1
+    while below + math.comb(n, j + 1) / 2**n <= 0.025:
+        j += 1
+        below += math.comb(n, j) / 2**n
+    if j < 0:
+        return ordered[0], ordered[-1]
+    return ordered[j], ordered[n - 1 - j]
+
+
 def summarize(values: Iterable[float | None]) -> dict[str, float]:
     data = [float(v) for v in values if v is not None]
     if not data:
         return {"n": 0}
+    ci_lo, ci_hi = median_ci95(data)
     return {
         "n": len(data),
         "median": quantile(data, 0.5),
+        "median_ci95_lo": ci_lo,
+        "median_ci95_hi": ci_hi,
         "p10": quantile(data, 0.1),
         "p90": quantile(data, 0.9),
         "p25": quantile(data, 0.25),

@@ -45,6 +45,26 @@ def yes(ok: bool) -> str:
     return "**yes**" if ok else "**no**"
 
 
+def verdict(s: dict[str, Any] | None, target: float, at_most: bool = True) -> str:
+    """Reached or not by the median; "within noise" when the median's 95%
+    confidence interval has the target inside (results from before it was
+    recorded: by the median alone)."""
+    m = med(s)
+    ok = m <= target if at_most else m >= target
+    if not s or "median_ci95_lo" not in s:
+        return yes(ok)
+    lo, hi = s["median_ci95_lo"], s["median_ci95_hi"]
+    if lo <= target <= hi and lo != hi:
+        return f"within noise (median: {'yes' if ok else 'no'})"
+    return yes(ok)
+
+
+def ci(s: dict[str, Any] | None, unit: str = "", digits: int = 2) -> str:
+    if not s or "median_ci95_lo" not in s:
+        return "-"
+    return f"{s['median_ci95_lo']:.{digits}f}-{s['median_ci95_hi']:.{digits}f}{unit}"
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -393,8 +413,9 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                     [
                         f"wake{how} <= 1.0x raw `criu restore` CLI, {x} MiB",
                         span(r, "x", 2),
+                        ci(r, "x"),
                         f"{med(s['wake'][x][kind]):.1f} vs {med(s['wake'][x]['raw']):.1f} ms",
-                        yes(med(r) <= TARGETS["wake"]),
+                        verdict(r, TARGETS["wake"]),
                     ]
                 )
         for x in map(str, s["sizes"]):
@@ -404,8 +425,9 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                 [
                     f"checkpoint <= 1.1x raw `criu dump` CLI, {x} MiB",
                     span(r, "x", 2),
+                    ci(r, "x"),
                     f"{med(k['activator_deadline_to_gone']):.1f} vs {med(k['raw_gone']):.1f} ms",
-                    yes(med(r) <= TARGETS["checkpoint"]),
+                    verdict(r, TARGETS["checkpoint"]),
                 ]
             )
     if px:
@@ -420,8 +442,9 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                 [
                     f"added p50 latency through the proxy <= 100 us ({how})",
                     span(added, " us", 0),
+                    ci(added, " us", 0),
                     f"{med(sc['activator_p50_us']):.0f} vs {med(sc['direct_p50_us']):.0f} us",
-                    yes(med(added) <= TARGETS["added_p50_us"]),
+                    verdict(added, TARGETS["added_p50_us"]),
                 ]
             )
         t = px["summary"]["transfer"]
@@ -429,8 +452,9 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
             [
                 f"{t['mib']} MiB transfer throughput >= 0.9x direct",
                 span(t["ratio"], "x", 2),
+                ci(t["ratio"], "x"),
                 f"{med(t['activator_mib_s']):.0f} vs {med(t['direct_mib_s']):.0f} MiB/s",
-                yes(med(t["ratio"]) >= TARGETS["transfer"]),
+                verdict(t["ratio"], TARGETS["transfer"], at_most=False),
             ]
         )
         for name, sc in px["summary"]["scenarios"].items():
@@ -441,8 +465,9 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                 [
                     f"fast path requests/s >= 0.97x direct ({name})",
                     span(r, "x", 2),
+                    ci(r, "x"),
                     f"{med(sc['fast_path_rps']):.0f} vs {med(sc['fast_pod_direct_rps']):.0f} req/s",
-                    yes(med(r) >= TARGETS["fast_path_rps"]),
+                    verdict(r, TARGETS["fast_path_rps"], at_most=False),
                 ]
             )
     if lz := results.get("lazy"):
@@ -453,6 +478,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                 f"lazy wake at {sizes[-1]} MiB <= 2x lazy wake at {sizes[0]} MiB "
                 "(`--lazy-restore`; lazy.md)",
                 f"{med(big) / med(small):.2f}x",
+                "-",
                 f"{med(big):.1f} vs {med(small):.1f} ms",
                 yes(med(big) / med(small) <= TARGETS["lazy"]),
             ]
@@ -467,6 +493,7 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
                     f"{top} scaled-down pods cost the activator <= 60 MiB (its RSS and its "
                     "idle CRIU spares' private memory)",
                     f"{e['total_mib']:.1f} MiB",
+                    "-",
                     f"RSS {e['rss_mib']:.1f} + {e['spares']:.0f} spares "
                     f"{e['spares_private_mib']:.1f}; PSS {e['pss_mib']:.1f}, "
                     f"{e['rss_added_mib']:+.1f} MiB RSS over 1 pod "
@@ -478,10 +505,12 @@ def report(results: dict[str, dict[str, Any]], out: Path, plots: bool = True) ->
         "## Results against the targets",
         "",
         "Ratios are per repetition (activator / baseline of the same repetition, the "
-        "kinds interleaved), shown as median [p10-p90]; a target counts as reached "
-        "when the median meets it.",
+        "kinds interleaved), shown as median [p10-p90], with the median's 95% confidence "
+        "interval (distribution-free: order statistics of the repetitions). A target counts "
+        "as reached when the median meets it, and as within noise when that interval holds "
+        "the target: this machine cannot tell then (more repetitions narrow it).",
         "",
-        table(["target", "ratio / value", "medians", "reached"], rows),
+        table(["target", "ratio / value", "median's 95% CI", "medians", "reached"], rows),
         "",
     ]
 
@@ -1017,16 +1046,12 @@ def findings(
         sizes = list(map(str, s["sizes"]))
 
         def reached(key: str, target: float, table: str = "wake") -> str:
-            got = {x: med(s[table][x][key]) for x in sizes if key in s[table][x]}
-            listed = ", ".join(f"{x} MiB {r:.2f}x" for x, r in got.items())
-            met = [x for x, r in got.items() if r <= target]
-            verdict = (
-                "reached at every size"
-                if len(met) == len(got)
-                else "not reached"
-                + (f" (reached at {', '.join(m + ' MiB' for m in met)} only)" if met else "")
+            got = {x: s[table][x][key] for x in sizes if key in s[table][x]}
+            listed = ", ".join(
+                f"{x} MiB {med(r):.2f}x ({verdict(r, target).replace('**', '')})"
+                for x, r in got.items()
             )
-            return f"{listed}: {verdict}"
+            return listed
 
         no_spares = all("ratio_raw_no_spares" in s["wake"][x] for x in sizes)
         spares = s.get("spares") or {}
