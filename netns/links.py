@@ -116,7 +116,11 @@ def _plug(network: PodNetwork, subnet: IPv4Network) -> None:
                     "add",
                     ifname=network.host_ifname,
                     kind="veth",
-                    peer={"ifname": POD_IFNAME, "net_ns_fd": fd},
+                    peer={
+                        "ifname": POD_IFNAME,
+                        "net_ns_fd": fd,
+                        "address": pod_mac(network.address),
+                    },
                 )
             except NetlinkError as exc:
                 raise PodError(
@@ -126,8 +130,9 @@ def _plug(network: PodNetwork, subnet: IPv4Network) -> None:
             if index is None:
                 raise PodError(f"veth {network.host_ifname} vanished right after its creation")
             bridge.attach(ipr, index, bridge_index)
-            # The address may have belonged to a removed pod: forget its MAC,
-            # or the host keeps sending to it until the entry goes stale.
+            # The address may have belonged to a removed pod of an older
+            # activator, with a MAC not made of its address (pod_mac): forget
+            # it, or the host keeps sending to it until the entry goes stale.
             with contextlib.suppress(NetlinkError):
                 ipr.neigh("del", dst=str(network.address), ifindex=bridge_index)
     finally:
@@ -151,9 +156,20 @@ def _configure_inside(network: PodNetwork) -> None:
     _announce(POD_IFNAME, mac, network.address)
 
 
+def pod_mac(address: IPv4Address) -> str:
+    """The MAC of the pod on `address`, made of the address (locally
+    administered, unicast): a pod that replaces another on its address has
+    its MAC, so the ARP caches of the host and of other pods stay right. A
+    gratuitous ARP alone does not do: Linux keeps an entry confirmed less than
+    a second ago (locktime), and a client pod that had just talked to the old
+    pod kept sending to its MAC for most of a minute."""
+    return ":".join(f"{octet:02x}" for octet in (0x0A, 0x58, *address.packed))
+
+
 def _announce(ifname: str, mac: str, address: IPv4Address) -> None:
-    """Send a gratuitous ARP, so that other pods that cached the previous
-    owner of a reused address learn the new MAC at once."""
+    """Send a gratuitous ARP: the bridge learns the pod's port at once, and
+    other pods that cached an earlier owner of the address with another MAC
+    (see pod_mac) learn the new one, if their entry allows it."""
     hw = bytes.fromhex(mac.replace(":", ""))
     ip = address.packed
     ethernet = b"\xff" * 6 + hw + struct.pack("!H", 0x0806)

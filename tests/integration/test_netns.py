@@ -302,6 +302,33 @@ def test_pods_reach_each_other_by_address(lab: Lab) -> None:
     server.close()
 
 
+def test_a_pod_that_just_talked_to_an_address_reaches_its_new_owner_at_once(lab: Lab) -> None:
+    """A pod is replaced on its address (adoption, the lowest free address
+    first) right after a client pod talked to it: the client's ARP entry was
+    confirmed less than a second ago, and Linux then ignores a new MAC for it
+    (locktime), gratuitous ARP included; the client would send to the old MAC
+    until that entry expired (most of a minute)."""
+    client, _ = lab.new_pod()
+    old, _ = lab.new_pod()
+
+    def echo_through(server_pod: pod.PodNetwork) -> None:
+        server = _listen(lab.thread(server_pod))
+        worker = _echo_once(server)
+        with lab.thread(client).socket() as sock:
+            sock.settimeout(3.0)
+            sock.connect((str(server_pod.address), server.getsockname()[1]))
+            sock.sendall(b"ping")
+            assert sock.recv(1024) == b"ping"
+        worker.join(TIMEOUT)
+        server.close()
+
+    echo_through(old)
+    pod.destroy_pod(old)
+    new, _ = lab.new_pod()
+    assert new.address == old.address, "the freed address was not reused"
+    echo_through(new)
+
+
 def test_host_reaches_pod_by_address(lab: Lab) -> None:
     network, _ = lab.new_pod()
     server = _listen(lab.thread(network))
