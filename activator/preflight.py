@@ -10,10 +10,13 @@ a clear reason while the app keeps running untouched:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import psutil
+
+from netns.proc import children_of
 
 CAP_SYS_RESOURCE = 24
 
@@ -32,8 +35,7 @@ def problems(root_pid: int, criu_like: int | None = None) -> list[str]:
     (a sidecar's CRIU runs in the app container, as the holder's child); us
     by default."""
     try:
-        root = psutil.Process(root_pid)
-        tree = [root, *root.children(recursive=True)]
+        tree = [psutil.Process(root_pid), *_descendants(root_pid)]
     except psutil.NoSuchProcess:
         return [f"process {root_pid} is gone"]
     found: list[str] = []
@@ -62,6 +64,20 @@ def problems(root_pid: int, criu_like: int | None = None) -> list[str]:
                 " switch it off in the app (MariaDB: innodb_use_native_aio=0;"
                 " Node.js: leave UV_USE_IO_URING unset)"
             )
+    return found
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    """The tree under `pid` by the kernel's lists of children, as CRIU finds
+    it: psutil's children() reads every process of the machine (11 ms on a
+    VM that was idle, on the checkpoint's path)."""
+    found: list[psutil.Process] = []
+    todo = children_of(pid)
+    while todo:
+        child = todo.pop()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.append(psutil.Process(child))
+            todo += children_of(child)
     return found
 
 

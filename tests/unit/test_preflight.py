@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -57,8 +58,18 @@ time.sleep(60)
 """
 
 
-def test_io_uring_is_reported() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", IO_URING], stdout=subprocess.PIPE)
+# Runs the rest of its command line as its child.
+PARENT = "import subprocess, sys; subprocess.run(sys.argv[1:])"
+
+
+@pytest.mark.parametrize("depth", [0, 2])  # the app's root itself, its grandchild
+def test_io_uring_is_reported(depth: int) -> None:
+    parents = [sys.executable, "-c", PARENT] * depth
+    proc = subprocess.Popen(
+        [*parents, sys.executable, "-c", IO_URING],
+        stdout=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the whole tree is ended below
+    )
     try:
         assert proc.stdout is not None
         fd = int(proc.stdout.readline())
@@ -67,7 +78,7 @@ def test_io_uring_is_reported() -> None:
         (problem,) = preflight.problems(proc.pid)
         assert "io_uring" in problem
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
