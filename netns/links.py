@@ -152,8 +152,7 @@ def _configure_inside(network: PodNetwork) -> None:
         ipr.addr("add", index=eth0, address=str(network.address), prefixlen=network.prefixlen)
         ipr.link("set", index=eth0, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=str(network.gateway), oif=eth0)
-        mac = ipr.get_links(eth0)[0].get_attr("IFLA_ADDRESS")
-    _announce(POD_IFNAME, mac, network.address)
+    _announce(POD_IFNAME, pod_mac(network.address), network.address)
 
 
 def pod_mac(address: IPv4Address) -> str:
