@@ -91,10 +91,10 @@ def _wait_readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
-def _tool(name: str) -> str:
+def _tool(name: str, package: str = "util-linux") -> str:
     path = shutil.which(name)
     if path is None:
-        raise PauseError(f"{name} not found in PATH: install util-linux")
+        raise PauseError(f"{name} not found in PATH: install {package}")
     return path
 
 
@@ -201,7 +201,7 @@ class Fallback:
         return [
             "--lifeline", str(self.lifeline),
             "--output", str(self.output),
-            "--nft", _tool("nft"),
+            "--nft", _tool("nft", "nftables"),
             "--table", self.table,
         ]  # fmt: skip
 
